@@ -1,0 +1,131 @@
+"""Joint image + instance-label augmentation, switched by `[pre]`.
+
+Geometry (rescale + crop, elastic distortion, flips, 90-degree rotations) runs in OpenCV/numpy on
+the image and the label map together; labels are always resampled with nearest neighbour, so an
+instance id is never interpolated into another. Colour changes run afterwards on the image alone,
+with torchvision's transforms. All randomness comes from a numpy Generator passed in, so a sample
+is reproducible from its seed whatever process draws it.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from config import PreConfig
+
+
+def apply_clahe(image: np.ndarray) -> np.ndarray:
+    """Contrast limited adaptive histogram equalisation of the lightness channel (RGB uint8 in/out)."""
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+    lab[:, :, 0] = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(lab[:, :, 0])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+def random_crop(image: np.ndarray, labels: np.ndarray, width: int, scale: float,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random square window of side width / scale, resized to width x width.
+
+    Images smaller than the window are padded: the image with its median colour, labels with 0.
+    Cropping before resizing keeps the cost at width^2 whatever the image size.
+    """
+    window = max(1, int(round(width / scale)))
+    height, wide = labels.shape
+    pad_y, pad_x = max(0, window - height), max(0, window - wide)
+    if pad_y or pad_x:
+        top, left = pad_y // 2, pad_x // 2
+        fill = [int(v) for v in np.median(image.reshape(-1, 3), axis=0)]
+        image = cv2.copyMakeBorder(image, top, pad_y - top, left, pad_x - left,
+                                   cv2.BORDER_CONSTANT, value=fill)
+        labels = cv2.copyMakeBorder(labels, top, pad_y - top, left, pad_x - left,
+                                    cv2.BORDER_CONSTANT, value=0)
+        height, wide = labels.shape
+    y = int(rng.integers(0, height - window + 1))
+    x = int(rng.integers(0, wide - window + 1))
+    image = image[y:y + window, x:x + window]
+    labels = labels[y:y + window, x:x + window]
+    if window != width:
+        image = cv2.resize(image, (width, width), interpolation=cv2.INTER_LINEAR)
+        labels = cv2.resize(labels, (width, width), interpolation=cv2.INTER_NEAREST)
+    return image, labels
+
+
+def elastic(image: np.ndarray, labels: np.ndarray, alpha: float, sigma: float,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth random displacement field (Gaussian-filtered noise, scaled by alpha) applied to both."""
+    height, width = labels.shape
+    dx, dy = (cv2.GaussianBlur(rng.uniform(-1, 1, (height, width)).astype(np.float32), (0, 0), sigma)
+              for _ in range(2))
+    # normalise so that alpha is the largest displacement in pixels, independent of sigma
+    peak = max(np.abs(dx).max(), np.abs(dy).max(), 1e-6)
+    grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+    map_x = grid_x + dx * (alpha / peak)
+    map_y = grid_y + dy * (alpha / peak)
+    image = cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    # int32 label maps are remapped exactly with nearest neighbour; reflecting keeps ids consistent
+    labels = cv2.remap(labels, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
+    return image, labels
+
+
+def flip_rotate(image: np.ndarray, labels: np.ndarray, flip: bool, rotate: bool,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    if flip and rng.random() < 0.5:
+        image, labels = image[:, ::-1], labels[:, ::-1]
+    if flip and rng.random() < 0.5:
+        image, labels = image[::-1], labels[::-1]
+    if rotate:
+        k = int(rng.integers(0, 4))
+        image, labels = np.rot90(image, k), np.rot90(labels, k)
+    return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+
+
+class Augmenter:
+    """Random training augmentation built from a `[pre]` section.
+
+    `geometric(image, labels, rng)` takes RGB uint8 (H, W, 3) and int32 labels (H, W) and returns
+    a width x width pair; `photometric(image, rng)` returns float32 (3, width, width) in [0, 1].
+    """
+
+    def __init__(self, pre: PreConfig):
+        self.pre = pre
+        colour = []
+        if pre.color_jitter:
+            colour.append(v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05))
+        if pre.channel_shuffle:
+            colour.append(v2.RandomChannelPermutation())
+        if pre.grayscale > 0:
+            colour.append(v2.RandomGrayscale(p=pre.grayscale))
+        if pre.color_invert:
+            colour.append(v2.RandomInvert(p=0.5))
+        self.colour = v2.Compose(colour) if colour else None
+
+    def geometric(self, image, labels, rng: np.random.Generator):
+        pre = self.pre
+        scale = float(np.exp(rng.uniform(np.log(pre.rescale_min), np.log(pre.rescale_max)))) if pre.rescale else 1.0
+        image, labels = random_crop(image, labels, pre.width, scale, rng)
+        if pre.elastic and pre.elastic_alpha > 0:
+            image, labels = elastic(image, labels, pre.elastic_alpha, pre.elastic_sigma, rng)
+        return flip_rotate(image, labels, pre.flip, pre.rotate, rng)
+
+    def photometric(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        if self.pre.clahe:
+            image = apply_clahe(image)
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        if self.colour is not None:
+            # torchvision draws from torch's generator: seed it from ours to stay reproducible
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(rng.integers(0, 2**31)))
+                tensor = self.colour(tensor)
+        out = tensor.float().div_(255.0)
+        if self.pre.noise and self.pre.noise_sigma > 0:
+            noise = rng.normal(0.0, self.pre.noise_sigma, out.shape).astype(np.float32)
+            out = (out + torch.from_numpy(noise)).clamp_(0.0, 1.0)
+        return out
+
+
+def to_tensor_image(image: np.ndarray, clahe: bool) -> torch.Tensor:
+    """Deterministic conversion for evaluation: RGB uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1]."""
+    if clahe:
+        image = apply_clahe(image)
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)

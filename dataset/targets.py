@@ -1,0 +1,106 @@
+"""Instance labels -> training targets: semantic, contour, marker and weight maps.
+
+Pure numpy/SciPy and vectorised over the whole image: the cost grows with the number of pixels,
+not with nuclei x pixels. Settings come from `[contour]` and `[target]` and act the same for every
+model; a model simply ignores the maps of heads it does not have.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from config import ContourConfig, TargetConfig
+
+_CROSS = ndimage.generate_binary_structure(2, 1)  # 4-connectivity
+_BIG = np.iinfo(np.int32).max
+
+
+def _neighbour_extremes(labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Largest and smallest non-zero label in each pixel's size x size window (min is _BIG if none)."""
+    high = ndimage.maximum_filter(labels, size=size, mode="nearest")
+    low = ndimage.minimum_filter(np.where(labels > 0, labels, _BIG), size=size, mode="nearest")
+    return high, low
+
+
+def inner_distance(labels: np.ndarray) -> np.ndarray:
+    """float32 (H, W): for a nucleus pixel, 1 + its distance to the nearest pixel outside its nucleus
+    (so border pixels are 1); 0 on background. Touching nuclei count as outside each other.
+    """
+    high, low = _neighbour_extremes(labels, 3)
+    border = (labels > 0) & ((high != labels) | (low != labels))
+    # a 3x3 neighbour with another label or background makes a border pixel
+    interior = (labels > 0) & ~border
+    distance = ndimage.distance_transform_edt(interior).astype(np.float32)
+    distance[labels > 0] += 1.0
+    return distance
+
+
+def contour_map(labels: np.ndarray, contour: ContourConfig, distance: np.ndarray | None = None) -> np.ndarray:
+    """bool (H, W): a ring of `thickness` pixels at nucleus borders.
+
+    precise: the ring lies inside each nucleus; otherwise it also covers the background pixels
+    within `thickness` of a nucleus. adjacent_boundary_only: only the parts of the ring within
+    `thickness` + 1 pixels of another nucleus, i.e. where nuclei touch or nearly touch.
+    """
+    if distance is None:
+        distance = inner_distance(labels)
+    ring = (distance > 0) & (distance <= contour.thickness)
+    if not contour.precise:
+        outside = ndimage.distance_transform_edt(labels == 0)
+        ring |= (labels == 0) & (outside <= contour.thickness)
+    if contour.adjacent_boundary_only:
+        # a window holding two different non-zero labels lies between two nuclei
+        high, low = _neighbour_extremes(labels, 2 * contour.thickness + 3)
+        ring &= (low != _BIG) & (high != low)
+    return ring
+
+
+def marker_map(labels: np.ndarray, depth: int, distance: np.ndarray | None = None) -> np.ndarray:
+    """bool (H, W): each nucleus eroded by `depth` pixels; a nucleus too small to survive that keeps
+    the pixels at its largest inner distance, so every nucleus has a marker.
+    """
+    if distance is None:
+        distance = inner_distance(labels)
+    n = int(labels.max())
+    if n == 0:
+        return np.zeros(labels.shape, bool)
+    peak = np.zeros(n + 1, np.float32)
+    np.maximum.at(peak, labels.ravel(), distance.ravel())
+    threshold = np.minimum(np.float32(depth + 1), peak)[labels]
+    return (labels > 0) & (distance >= threshold)
+
+
+def centre_map(labels: np.ndarray, distance: np.ndarray) -> np.ndarray:
+    """float32 (H, W) in [0, 1]: 1 at each nucleus' deepest pixels, falling linearly to 0 at its border."""
+    n = int(labels.max())
+    peak = np.zeros(n + 1, np.float32)
+    np.maximum.at(peak, labels.ravel(), distance.ravel())
+    depth = peak[labels]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        centre = np.where(depth > 1, (distance - 1) / (depth - 1), 0.0)
+    centre[(labels > 0) & (depth <= 1)] = 1.0  # one-pixel-thin nuclei are all centre
+    return centre.astype(np.float32)
+
+
+def make_targets(labels: np.ndarray, contour: ContourConfig, target: TargetConfig) -> dict[str, np.ndarray]:
+    """All training targets of one instance label map (int32, H x W).
+
+    Returns float32 (H, W) maps in [0, 1]: 'semantic', 'contour', 'marker', and 'weight' (>= 1):
+    1 + weight_contour on contour pixels + weight_centre x the centre map. With `detect` off the
+    contour map is all zeros and adds no weight.
+    """
+    labels = np.asarray(labels, np.int32)
+    distance = inner_distance(labels)
+    foreground = labels > 0
+    if contour.detect:
+        ring = contour_map(labels, contour, distance)
+    else:
+        ring = np.zeros(labels.shape, bool)
+    semantic = foreground & ~ring if contour.exclusive else foreground
+    weight = 1.0 + target.weight_contour * ring + target.weight_centre * centre_map(labels, distance)
+    return {
+        "semantic": semantic.astype(np.float32),
+        "contour": ring.astype(np.float32),
+        "marker": marker_map(labels, target.marker_depth, distance).astype(np.float32),
+        "weight": weight.astype(np.float32),
+    }

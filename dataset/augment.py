@@ -47,7 +47,7 @@ def random_crop(image: np.ndarray, labels: np.ndarray, width: int, scale: float,
     labels = labels[y:y + window, x:x + window]
     if window != width:
         image = cv2.resize(image, (width, width), interpolation=cv2.INTER_LINEAR)
-        labels = cv2.resize(labels, (width, width), interpolation=cv2.INTER_NEAREST)
+        labels = cv2.resize(labels, (width, width), interpolation=cv2.INTER_NEAREST_EXACT)
     return image, labels
 
 

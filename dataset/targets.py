@@ -26,10 +26,10 @@ def inner_distance(labels: np.ndarray) -> np.ndarray:
     """float32 (H, W): for a nucleus pixel, 1 + its distance to the nearest pixel outside its nucleus
     (so border pixels are 1); 0 on background. Touching nuclei count as outside each other.
     """
-    high, low = _neighbour_extremes(labels, 3)
-    border = (labels > 0) & ((high != labels) | (low != labels))
     # a 3x3 neighbour with another label or background makes a border pixel
-    interior = (labels > 0) & ~border
+    high = ndimage.maximum_filter(labels, size=3, mode="nearest")
+    low = ndimage.minimum_filter(labels, size=3, mode="nearest")
+    interior = (labels > 0) & (high == labels) & (low == labels)
     distance = ndimage.distance_transform_edt(interior).astype(np.float32)
     distance[labels > 0] += 1.0
     return distance

@@ -1,0 +1,103 @@
+"""Look at what the network will be fed: dataset summary, split, and augmented samples with targets.
+
+    python3 preview.py sample/stage1_train --out out/preview
+    python3 preview.py data/train --n 6 --config my.ini
+
+Prints the number of images, sizes, nuclei per image and the validation split that `train.py`
+would use, then writes `preview.png`: for a few augmented training samples, the image, the
+instance labels and the semantic, contour, marker and weight targets.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from config import load_config, run_main
+from dataset import NucleiDataset, split_ids
+from dataset.io import list_samples, read_sample_cached
+
+PANELS = ("image", "labels", "semantic", "contour", "marker", "weight")
+
+
+def summarize(samples, cfg) -> list[str]:
+    sizes, counts = Counter(), []
+    for files in samples:
+        image, labels = read_sample_cached(files, cfg.target.fill_holes, cfg.dataset.cache_dir)
+        sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
+        if labels is not None:
+            counts.append(len(np.unique(labels)) - 1)
+    lines = [f"{len(samples)} images; sizes (WxH): " + ", ".join(f"{s} ({n})" for s, n in sizes.most_common())]
+    if counts:
+        lines.append(f"nuclei per labelled image: min {min(counts)}, median {int(np.median(counts))}, "
+                     f"max {max(counts)}, total {sum(counts)}")
+    train, valid = split_ids([s.id for s in samples], cfg.dataset.cv_ratio, cfg.dataset.split_seed)
+    lines.append(f"validation split at cv_ratio {cfg.dataset.cv_ratio}, seed {cfg.dataset.split_seed}: "
+                 f"{len(train)} train, {len(valid)} valid")
+    return lines
+
+
+def draw(items: list[dict], path: Path) -> None:
+    """Write a grid (one row per sample, one column per panel) to `path`, atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.color import label2rgb
+
+    fig, axes = plt.subplots(len(items), len(PANELS), figsize=(2.2 * len(PANELS), 2.2 * len(items)),
+                             squeeze=False)
+    for row, item in zip(axes, items):
+        for ax, name in zip(row, PANELS):
+            if name == "image":
+                ax.imshow(item["image"].permute(1, 2, 0).numpy())
+            elif name == "labels":
+                ax.imshow(label2rgb(item["labels"].numpy(), bg_label=0))
+            else:
+                ax.imshow(item[name][0].numpy(), cmap="magma" if name == "weight" else "gray")
+            ax.set_axis_off()
+            if ax is axes[0][PANELS.index(name)]:
+                ax.set_title(name, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", nargs="?", default="sample/stage1_train", help="folder in the DSB2018 layout")
+    parser.add_argument("--out", default="out/preview", help="folder for preview.png")
+    parser.add_argument("--n", type=int, default=4, help="number of augmented samples to draw")
+    parser.add_argument("--config", help="extra settings file, read after config.ini")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config)
+    for line in cfg.describe_overrides():
+        print("setting", line)
+
+    samples = list_samples(args.root)
+    for line in summarize(samples, cfg):
+        print(line)
+    labelled = [s for s in samples if s.mask_paths is not None]
+    if labelled:
+        data = NucleiDataset(labelled, cfg, augment=True)
+        items = [data[i % len(data)] for i in range(args.n)]
+        for name in ("contour", "marker"):
+            share = np.mean([float(item[name].mean()) for item in items])
+            print(f"{name} target covers {100 * share:.1f}% of the pixels of an augmented {cfg.pre.width}px crop")
+        out = Path(args.out) / "preview.png"
+        draw(items, out)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

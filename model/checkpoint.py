@@ -1,0 +1,124 @@
+"""Checkpoints: written atomically, self-describing, and loadable only into the model they describe.
+
+A checkpoint file holds {'format', 'model_config', 'config', 'state_dict', 'optimizer',
+'scheduler', 'epoch', 'scores'}. `current.json` in the same folder names the latest one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from config import InputError, ModelConfig
+
+FORMAT = "nuclei-unet-1"
+POINTER = "current.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DataParallel / DistributedDataParallel wrappers."""
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg, optimizer=None, scheduler=None,
+                    epoch: int = 0, scores: dict | None = None, update_pointer: bool = True) -> Path:
+    """Write a checkpoint to `path` (temporary name, then rename) and point current.json at it."""
+    path = Path(path)
+    bare = unwrap(model)
+    state = {
+        "format": FORMAT,
+        "model_config": dataclasses.asdict(bare.config),
+        "config": cfg.as_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": int(epoch),
+        "scores": dict(scores or {}),
+    }
+    _atomic_write(path, lambda fh: torch.save(state, fh))
+    if update_pointer:
+        pointer = {"latest": path.name, "epoch": int(epoch)}
+        _atomic_write(path.parent / POINTER, lambda fh: fh.write(json.dumps(pointer, indent=1).encode()))
+    return path
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The checkpoint current.json names, or None when there is no current.json."""
+    pointer = Path(folder) / POINTER
+    if not pointer.is_file():
+        return None
+    try:
+        name = json.loads(pointer.read_text())["latest"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{pointer}: not a valid checkpoint pointer") from None
+    path = Path(folder) / name
+    if not path.is_file():
+        raise InputError(f"{pointer}: names {name}, which does not exist")
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint's contents on the CPU, checked for the expected fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise InputError(f"{path}: not a checkpoint of this project")
+    return state
+
+
+def model_config_of(state: dict, path) -> ModelConfig:
+    try:
+        return ModelConfig(**state["model_config"])
+    except TypeError as exc:
+        raise InputError(f"{path}: checkpoint model settings are not understood ({exc})") from None
+
+
+def load_weights(model: nn.Module, state: dict, path) -> None:
+    """Load the checkpoint's weights; any missing or unexpected key is one clear error."""
+    bare = unwrap(model)
+    expected = set(bare.state_dict())
+    found = set(state["state_dict"])
+    if expected != found:
+        missing, extra = sorted(expected - found), sorted(found - expected)
+        raise InputError(f"{path}: weights do not fit a {bare.config.model}/{bare.config.encoder} model "
+                         f"({len(missing)} missing keys, e.g. {missing[:1]}; {len(extra)} unexpected, "
+                         f"e.g. {extra[:1]})")
+    try:
+        bare.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:
+        raise InputError(f"{path}: weights do not fit the model it describes "
+                         f"({str(exc).splitlines()[-1].strip()})") from None
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint describes, load its weights, and return (model, state)."""
+    from model import build_model
+
+    state = read_checkpoint(path)
+    model = build_model(dataclasses.replace(model_config_of(state, path), pretrained=False, weights_path=None))
+    load_weights(model, state, path)
+    return model.to(device), state

@@ -1,0 +1,148 @@
+"""One epoch of training and one validation pass; `train.py` strings them together."""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from config import Config, InputError
+from model import iou_score, multitask_loss
+
+TARGETS = ("semantic", "contour", "marker", "weight")
+
+
+class NonFiniteLoss(InputError):
+    """The loss became NaN or infinite; training stops and keeps the last good checkpoint."""
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def pad_to_stride(x: torch.Tensor, stride: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad (B, C, H, W) at the bottom and right to multiples of `stride`; returns (padded, (H, W))."""
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % stride, -w % stride
+    if pad_h or pad_w:
+        # reflect needs the pad to be smaller than the side; replicate always works
+        use = mode if (mode != "reflect" or (pad_h < h and pad_w < w)) else "replicate"
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode=use)
+    return x, (h, w)
+
+
+class RunningMean:
+    def __init__(self):
+        self.total = defaultdict(float)
+        self.count = defaultdict(int)
+
+    def add(self, name: str, value: float, n: int = 1) -> None:
+        self.total[name] += value * n
+        self.count[name] += n
+
+    def means(self) -> dict[str, float]:
+        return {k: self.total[k] / self.count[k] for k in self.total}
+
+
+def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device, epoch: int,
+                    scaler: torch.amp.GradScaler | None, deadline: float | None = None,
+                    show_progress: bool = True) -> tuple[dict[str, float], bool]:
+    """Train over `loader` once. Returns (mean stats, stopped_by_deadline).
+
+    Stats: 'loss', 'loss_<head>', 'iou_<head>', 'time' (seconds per batch), 'io' (seconds per
+    batch spent waiting for data). Gradients are accumulated over `grad_accum` batches and
+    clipped to `grad_clip`. A NaN or infinite loss raises NonFiniteLoss before any update.
+    """
+    train_cfg = cfg.train
+    model.train()
+    stats = RunningMean()
+    amp = device.type == "cuda"
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not show_progress, dynamic_ncols=True)
+    tick = time.perf_counter()
+    stopped = False
+    pending = 0
+    for step, batch in enumerate(bar):
+        waited = time.perf_counter() - tick
+        batch = to_device(batch, device)
+        image = batch["image"]
+        if amp:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, enabled=amp):
+            outputs = model(image)
+        loss, per_head = multitask_loss(outputs, batch, cfg.loss)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"epoch {epoch} step {step}: the loss is {loss.item()}; stopping. "
+                                f"Lower [train] learn_rate or check the data; the last checkpoint is kept")
+        scaled = loss / train_cfg.grad_accum
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        pending += 1
+        if pending == train_cfg.grad_accum or step == len(loader) - 1:
+            _step(model, optimizer, scaler, train_cfg.grad_clip)
+            pending = 0
+        n = image.shape[0]
+        stats.add("loss", loss.item(), n)
+        for name, logits in outputs.items():
+            stats.add(f"loss_{name}", per_head[name].item(), n)
+            stats.add(f"iou_{name}", iou_score(torch.sigmoid(logits.detach().float()), batch[name]), n)
+        elapsed = time.perf_counter() - tick
+        stats.add("time", elapsed)
+        stats.add("io", waited)
+        means = stats.means()
+        bar.set_postfix_str(f"loss {means['loss']:.4f} " + " ".join(
+            f"iou({h}) {means[f'iou_{h}']:.3f}" for h in outputs) + f" {elapsed:.2f}s/b (io {waited:.2f}s)")
+        tick = time.perf_counter()
+        if deadline is not None and time.time() >= deadline:
+            if pending:
+                _step(model, optimizer, scaler, train_cfg.grad_clip)
+            stopped = True
+            break
+    bar.close()
+    return stats.means(), stopped
+
+
+def _step(model, optimizer, scaler, grad_clip: float) -> None:
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.inference_mode()
+def evaluate(model, loader, cfg: Config, device: torch.device) -> tuple[dict[str, float], dict | None]:
+    """Validation pass without random augmentation. Images of any size are padded to the model's
+    stride and the outputs cropped back. Returns (mean stats like train_one_epoch's, the first
+    sample's {'image', targets..., '<head>_prob'} for pictures).
+    """
+    model.eval()
+    bare = model.module if hasattr(model, "module") else model
+    stats = RunningMean()
+    first = None
+    amp = device.type == "cuda"
+    for batch in loader:
+        batch = to_device(batch, device)
+        image, (h, w) = pad_to_stride(batch["image"], bare.stride)
+        with torch.autocast(device.type, enabled=amp):
+            outputs = model(image)
+        outputs = {k: v[..., :h, :w].float() for k, v in outputs.items()}
+        loss, per_head = multitask_loss(outputs, batch, cfg.loss)
+        n = image.shape[0]
+        if math.isfinite(loss.item()):
+            stats.add("loss", loss.item(), n)
+        for name, logits in outputs.items():
+            stats.add(f"loss_{name}", per_head[name].item(), n)
+            stats.add(f"iou_{name}", iou_score(torch.sigmoid(logits), batch[name]), n)
+        if first is None:
+            first = {"image": batch["image"][0].cpu()}
+            first.update({k: batch[k][0].cpu() for k in TARGETS if k in batch})
+            first.update({f"{k}_prob": torch.sigmoid(v[0]).cpu() for k, v in outputs.items()})
+    return stats.means(), first

@@ -1,0 +1,168 @@
+"""train.py end to end on the bundled sample, in a temporary folder."""
+import json
+import struct
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from config import InputError
+from model.checkpoint import latest_checkpoint, load_model, read_checkpoint
+from tests.conftest import REPO, SAMPLE
+
+SETTINGS = """
+[model]
+model = {model}
+encoder = plain
+n_filter = 4
+[train]
+n_batch = 3
+n_worker = 0
+n_cv_epoch = 1
+n_ckpt_epoch = 1
+learn_rate = 0.001
+checkpoint_dir = ckpt
+log_dir = runs
+[pre]
+width = 64
+[dataset]
+root = data
+cv_ratio = 0.25
+cache_dir = cache
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train").symlink_to(SAMPLE)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def settings(workdir, model="camunet", extra=""):
+    path = workdir / "settings.ini"
+    path.write_text(SETTINGS.format(model=model) + textwrap.dedent(extra))
+    return str(path)
+
+
+def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of every TensorBoard event file in `folder`, parsed from the TFRecord framing."""
+    from tensorboardX.proto import event_pb2
+    scalars = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_two_epochs_then_resume(workdir, capsys):
+    config = settings(workdir)
+    assert train.main(["--epoch", "2", "--config", config, "--quiet"]) == 2
+    ckpt = workdir / "ckpt"
+    assert {p.name for p in ckpt.iterdir()} >= {"ckpt-1.pkl", "ckpt-2.pkl", "best.pkl", "current.json"}
+    assert json.loads((ckpt / "current.json").read_text())["latest"] == "ckpt-2.pkl"
+    state = read_checkpoint(ckpt / "ckpt-2.pkl")
+    assert state["epoch"] == 2 and state["config"]["train"]["n_batch"] == 3
+    assert state["model_config"]["model"] == "camunet"
+    scalars = read_scalars(workdir / "runs")
+    for tag in ("train/loss", "train/iou_semantic", "train/loss_marker", "valid/loss", "valid/iou_contour", "lr"):
+        assert [step for step, _ in scalars[tag]] == [1, 2], tag
+    out = capsys.readouterr().out
+    assert "Epoch: [2]" in out and "IoU(marker)" in out
+
+    assert train.main(["--epoch", "1", "--config", config, "--quiet", "--lr", "0.0005"]) == 3
+    state = read_checkpoint(latest_checkpoint(ckpt))
+    assert state["epoch"] == 3
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0005)
+    assert "Resuming from" in capsys.readouterr().out
+
+
+def test_checkpoint_rebuilds_its_own_model(workdir):
+    train.main(["--epoch", "1", "--config", settings(workdir, model="caunet"), "--quiet"])
+    model, state = load_model(workdir / "ckpt" / "ckpt-1.pkl")
+    assert model.heads == ("semantic", "contour")
+    probs = model.eval().predict(torch.rand(1, 3, 64, 64))
+    assert set(probs) == {"semantic", "contour"}
+
+
+def test_resume_with_another_model_is_a_clear_error(workdir):
+    train.main(["--epoch", "1", "--config", settings(workdir, model="unet"), "--quiet"])
+    with pytest.raises(InputError, match=r"trained with \[model\] model = unet, but the settings say camunet"):
+        train.main(["--epoch", "1", "--config", settings(workdir, model="camunet"), "--quiet"])
+    assert train.main(["--epoch", "1", "--config", settings(workdir), "--quiet", "--no-resume"]) == 1
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(workdir, monkeypatch):
+    config = settings(workdir)
+    train.main(["--epoch", "1", "--config", config, "--quiet"])
+    real_save = torch.save
+
+    def broken_save(obj, fh, *a, **k):
+        fh.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--epoch", "1", "--config", config, "--quiet"])
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpt = workdir / "ckpt"
+    assert latest_checkpoint(ckpt).name == "ckpt-1.pkl"
+    assert not list(ckpt.glob("*.tmp")) and not (ckpt / "ckpt-2.pkl").exists()
+    load_model(ckpt / "ckpt-1.pkl")
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(workdir, monkeypatch):
+    config = settings(workdir)
+    train.main(["--epoch", "1", "--config", config, "--quiet"])
+    import engine
+    real = engine.multitask_loss
+    monkeypatch.setattr(engine, "multitask_loss",
+                        lambda out, batch, cfg: (real(out, batch, cfg)[0] * float("nan"), real(out, batch, cfg)[1]))
+    with pytest.raises(engine.NonFiniteLoss, match="loss is nan"):
+        train.main(["--epoch", "1", "--config", config, "--quiet"])
+    assert latest_checkpoint(workdir / "ckpt").name == "ckpt-1.pkl"
+
+
+def test_budget_stops_with_a_checkpoint(workdir, capsys):
+    config = settings(workdir)
+    assert train.main(["--epoch", "50", "--config", config, "--quiet", "--budget", "0.0001"]) == 1
+    assert latest_checkpoint(workdir / "ckpt").name == "ckpt-1.pkl"
+    assert "budget" in capsys.readouterr().out
+
+
+def test_damaged_checkpoint_is_one_line(workdir):
+    (workdir / "ckpt").mkdir()
+    (workdir / "ckpt" / "ckpt-5.pkl").write_bytes(b"junk")
+    (workdir / "ckpt" / "current.json").write_text('{"latest": "ckpt-5.pkl"}')
+    with pytest.raises(InputError, match="ckpt-5.pkl: not a readable checkpoint"):
+        train.main(["--epoch", "1", "--config", settings(workdir), "--quiet"])
+
+
+def test_run_inside_a_jupyter_kernel(workdir):
+    """`%run train.py --epoch 1` trains in a real IPython kernel, which stays alive afterwards."""
+    from jupyter_client.manager import start_new_kernel
+    import os
+    manager, client = start_new_kernel(kernel_name="python3", cwd=str(workdir),
+                                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        def run(code):
+            reply = client.execute_interactive(code, timeout=240, output_hook=lambda msg: None)
+            return reply["content"]
+        assert run(f"import sys; sys.path.insert(0, {str(REPO)!r})")["status"] == "ok"
+        content = run(f"%run {REPO / 'train.py'} --epoch 1 --config {settings(workdir)} --quiet")
+        assert content["status"] == "ok", (content.get("ename"), content.get("evalue"))
+        assert run("assert callable(main) and 1 + 1 == 2")["status"] == "ok"  # the kernel lives on
+        assert (workdir / "ckpt" / "ckpt-1.pkl").is_file()
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)

@@ -56,7 +56,7 @@ def make_loaders(cfg: Config, device: torch.device):
     sampler = make_sampler(train_samples, cfg, generator)
     train_loader = DataLoader(train_data, batch_size=cfg.train.n_batch, shuffle=sampler is None,
                               sampler=sampler, num_workers=cfg.train.n_worker, generator=generator,
-                              pin_memory=device.type == "cuda", drop_last=len(train_samples) > cfg.train.n_batch)
+                              pin_memory=device.type == "cuda")
     valid_loader = None
     if valid_samples:
         valid_loader = DataLoader(NucleiDataset(valid_samples, cfg, augment=False), batch_size=1,

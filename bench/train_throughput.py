@@ -1,0 +1,91 @@
+"""Training throughput on the CPU: each model with a ResNet34 encoder, shared and separate decoders.
+
+    python3 bench/train_throughput.py ../shared/data/dsb2018/stage1_train --width 256 --batch 4
+
+For every model (unet, caunet, camunet) x decoder sharing, measured side by side in one run:
+- 'bare': forward + multitask loss + backward + Adam step on one fixed batch already in memory;
+- 'loop': `engine.train_one_epoch` over real augmented batches from a DataLoader (2 workers),
+  with its own measure of the time spent waiting for data.
+Prints a markdown table (images per second, loop/bare ratio, data-wait share) for docs/.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from config import load_config  # noqa: E402
+from dataset import NucleiDataset, list_samples  # noqa: E402
+from engine import train_one_epoch  # noqa: E402
+from model import build_model, multitask_loss  # noqa: E402
+
+KEYS = ("image", "semantic", "contour", "marker", "weight")
+
+
+def bare_rate(model, cfg, batch: dict, steps: int) -> float:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model.train()
+    times = []
+    for _ in range(steps + 1):  # the first step warms up allocators and is dropped
+        start = time.perf_counter()
+        loss, _ = multitask_loss(model(batch["image"]), batch, cfg.loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return batch["image"].shape[0] / (sum(times[1:]) / steps)
+
+
+def loop_rate(model, cfg, data, steps: int, batch_size: int, workers: int) -> tuple[float, float]:
+    subset = torch.utils.data.Subset(data, range(min(len(data), steps * batch_size)))
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    start = time.perf_counter()
+    stats, _ = train_one_epoch(model, loader, optimizer, cfg, torch.device("cpu"), 1, None, show_progress=False)
+    elapsed = time.perf_counter() - start
+    return len(subset) / elapsed, stats["io"] / stats["time"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="folder in the DSB2018 layout")
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per setting")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--encoder", default="resnet34")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    samples = [s for s in list_samples(args.root) if s.mask_paths is not None][:args.steps * args.batch]
+    with tempfile.TemporaryDirectory() as cache:
+        base = load_config(user_path=None).replace("dataset", cache_dir=cache).replace("pre", width=args.width)
+        data = NucleiDataset(samples, base, augment=True)
+        for i in range(len(data)):
+            data.decoded(i)  # fill the decode cache, as after the first epoch of a real run
+        items = [data[i] for i in range(args.batch)]
+        batch = {k: torch.stack([it[k] for it in items]) for k in KEYS}
+        print(f"CPU, {torch.get_num_threads()} torch threads, {args.encoder} encoder, batch {args.batch} of "
+              f"{args.width}x{args.width}, {args.steps} steps per row, {args.workers} loader workers\n")
+        print("| model | decoders | params (M) | bare img/s | loop img/s | loop / bare | data wait share |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        for name in ("unet", "caunet", "camunet"):
+            for shared in (True, False):
+                if name == "unet" and not shared:
+                    continue  # one head: shared and separate are the same network
+                cfg = base.replace("model", model=name, encoder=args.encoder, shared_decoder=shared)
+                model = build_model(cfg.model)
+                params = sum(p.numel() for p in model.parameters()) / 1e6
+                bare = bare_rate(model, cfg, batch, args.steps)
+                loop, wait = loop_rate(model, cfg, data, args.steps, args.batch, args.workers)
+                print(f"| {name} | {'shared' if shared else 'separate'} | {params:.2f} | {bare:.2f} | "
+                      f"{loop:.2f} | {loop / bare:.2f} | {100 * wait:.1f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Instance-segmentation scores for label maps: IoU matrix, DSB2018 score, precision/recall/F1, Dice.
+
+A label map is an integer array (H, W): 0 is background, every other value is one object. Ids
+need not be contiguous ({3, 17, 40} is fine) and the two maps being compared need not share ids.
+No torch here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+DSB_THRESHOLDS = np.arange(0.5, 1.0, 0.05)
+SCORE_COLUMNS = ("dsb", "precision", "recall", "f1", "dice")
+TABLE_COLUMNS = ("image_id", *SCORE_COLUMNS, "n_true", "n_pred")
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """Scores of one predicted label map against its truth.
+
+    `thresholds`, `tp`, `fp`, `fn` run in parallel (one entry per IoU threshold). `dsb` is the mean
+    over thresholds of tp / (tp + fp + fn); `precision`, `recall`, `f1` are taken at IoU > 0.5;
+    `dice` is the semantic (foreground vs background) Dice. All scores lie in [0, 1].
+    """
+    thresholds: tuple[float, ...]
+    tp: tuple[int, ...]
+    fp: tuple[int, ...]
+    fn: tuple[int, ...]
+    dsb: float
+    precision: float
+    recall: float
+    f1: float
+    dice: float
+    n_true: int
+    n_pred: int
+
+
+def _check_labels(labels: np.ndarray, name: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"{name}: expected a label map (H, W), got shape {labels.shape}")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise ValueError(f"{name}: expected an integer label map, got dtype {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{name}: label ids must be >= 0 (0 is background)")
+    return labels
+
+
+def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64 (n,), index int64 (H*W,)): index 0 for background, k + 1 for ids[k]."""
+    values, inverse = np.unique(labels.ravel(), return_inverse=True)
+    inverse = inverse.ravel()  # numpy 2.0.x returns it in the input's shape
+    if values.size and values[0] == 0:
+        return values[1:].astype(np.int64), inverse.astype(np.int64)
+    # no background pixel at all: shift so that index 0 still means background
+    return values.astype(np.int64), inverse.astype(np.int64) + 1
+
+
+def iou_matrix(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of every true object with every predicted object.
+
+    truth, pred: integer label maps of the same shape (H, W), 0 = background.
+    Returns (iou float64 (n_true, n_pred) in [0, 1], true_ids int64 (n_true,), pred_ids int64
+    (n_pred,)); ids are increasing, and row i / column j of `iou` belong to true_ids[i] / pred_ids[j].
+    """
+    truth = _check_labels(truth, "truth")
+    pred = _check_labels(pred, "pred")
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth shape {truth.shape} differs from pred shape {pred.shape}")
+    true_ids, t_index = _compact(truth)
+    pred_ids, p_index = _compact(pred)
+    n_true, n_pred = true_ids.size, pred_ids.size
+    true_area = np.bincount(t_index, minlength=n_true + 1)[1:]
+    pred_area = np.bincount(p_index, minlength=n_pred + 1)[1:]
+    # joint histogram over pixels that are foreground in both maps: one bincount, no pair loop
+    both = (t_index > 0) & (p_index > 0)
+    codes = (t_index[both] - 1) * n_pred + (p_index[both] - 1)
+    inter = np.bincount(codes, minlength=n_true * n_pred).reshape(n_true, n_pred)
+    union = true_area[:, None] + pred_area[None, :] - inter
+    # every object has area >= 1, so union >= 1 wherever the matrix has an entry
+    iou = inter / np.maximum(union, 1)
+    return iou.astype(np.float64), true_ids, pred_ids
+
+
+def _ratio(num: float, den: float, both_empty: bool) -> float:
+    # a zero denominator only happens when an image has no object: perfect if neither has any
+    if den == 0:
+        return 1.0 if both_empty else 0.0
+    return float(num) / float(den)
+
+
+def match(truth: np.ndarray, pred: np.ndarray, thresholds=DSB_THRESHOLDS) -> ImageScore:
+    """Score `pred` against `truth` (integer label maps (H, W), 0 = background).
+
+    At threshold t a true and a predicted object match when IoU > t (strictly). Objects within one
+    label map do not overlap, so for t >= 0.5 each object has at most one partner with IoU > t
+    and counting such pairs gives the matching; thresholds below 0.5 are refused for that reason.
+    Thresholds are rounded to 10 decimals so that np.arange's drift (0.7000000000000002) does not
+    decide whether an IoU of exactly 0.7 matches at 0.7: it never does.
+
+    When both images are empty every score is 1.0; when exactly one is, dsb, precision, recall
+    and f1 are 0.0.
+    """
+    thresholds = np.round(np.atleast_1d(np.asarray(thresholds, dtype=np.float64)), 10)
+    if thresholds.ndim != 1 or thresholds.size == 0:
+        raise ValueError("thresholds: expected a non-empty 1-D sequence")
+    if not np.all(np.isfinite(thresholds)) or thresholds.min() < 0.5:
+        raise ValueError("thresholds: every threshold must be a finite number >= 0.5 "
+                         "(below 0.5 one object could match several)")
+    iou, true_ids, pred_ids = iou_matrix(truth, pred)
+    n_true, n_pred = int(true_ids.size), int(pred_ids.size)
+    both_empty = n_true == 0 and n_pred == 0
+
+    # (n_thresholds,) counts of pairs with IoU > t; sorting the IoUs makes this one searchsorted
+    values = np.sort(iou[iou > 0.5], kind="stable")
+    tp = values.size - np.searchsorted(values, thresholds, side="right")
+    fp = n_pred - tp
+    fn = n_true - tp
+    dsb = float(np.mean([_ratio(a, a + b + c, both_empty) for a, b, c in zip(tp, fp, fn)]))
+
+    tp50 = int(np.count_nonzero(iou > 0.5))
+    precision = _ratio(tp50, n_pred, both_empty)
+    recall = _ratio(tp50, n_true, both_empty)
+    f1 = _ratio(2 * tp50, n_true + n_pred, both_empty)
+
+    fg_true = np.asarray(truth) > 0
+    fg_pred = np.asarray(pred) > 0
+    dice = _ratio(2 * np.count_nonzero(fg_true & fg_pred),
+                  np.count_nonzero(fg_true) + np.count_nonzero(fg_pred),
+                  both_empty=True)  # no foreground anywhere: the semantic masks agree
+
+    return ImageScore(
+        thresholds=tuple(float(t) for t in thresholds),
+        tp=tuple(int(v) for v in tp), fp=tuple(int(v) for v in fp), fn=tuple(int(v) for v in fn),
+        dsb=dsb, precision=precision, recall=recall, f1=f1, dice=dice,
+        n_true=n_true, n_pred=n_pred)
+
+
+def score_table(scores: Mapping[str, ImageScore]) -> pd.DataFrame:
+    """One row per image, in the mapping's order: image_id, dsb, precision, recall, f1, dice,
+    n_true, n_pred."""
+    rows = [(str(image_id), s.dsb, s.precision, s.recall, s.f1, s.dice, s.n_true, s.n_pred)
+            for image_id, s in scores.items()]
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    # an empty table still gets numeric columns, so later arithmetic does not meet object dtype
+    return table.astype({c: float for c in SCORE_COLUMNS} | {"n_true": int, "n_pred": int})
+
+
+def mean_scores(scores: Mapping[str, ImageScore] | pd.DataFrame) -> dict[str, float]:
+    """Mean over images of dsb, precision, recall, f1 and dice (each image weighs the same).
+    Takes the dict given to `score_table` or its table; no image is a ValueError."""
+    table = scores if isinstance(scores, pd.DataFrame) else score_table(scores)
+    if len(table) == 0:
+        raise ValueError("mean_scores: no images to average")
+    return {column: float(table[column].mean()) for column in SCORE_COLUMNS}

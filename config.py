@@ -135,6 +135,27 @@ class DatasetConfig:
     cache_dir: str | None
 
 
+@dataclass(frozen=True)
+class ValidConfig:
+    pred_orig_size: bool
+    pad_mode: str = _choices("reflect", "replicate", "constant")
+    tile_size: int = _at_least(0)
+    tile_overlap: int = _at_least(0)
+    test_time_augment: bool
+    tta_rotate: bool
+    ensemble: str = _choices("mean", "vote")
+
+
+@dataclass(frozen=True)
+class PostConfig:
+    policy: str = _choices("ws", "rw")
+    threshold: float = _between(0, 1)
+    threshold_edge: float = _between(0, 1)
+    threshold_mark: float = _between(0, 1)
+    min_object_size: int = _at_least(0)
+    fill_holes: bool
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "loss": LossConfig,
@@ -143,6 +164,8 @@ SECTIONS: dict[str, type] = {
     "target": TargetConfig,
     "pre": PreConfig,
     "dataset": DatasetConfig,
+    "valid": ValidConfig,
+    "post": PostConfig,
 }
 
 
@@ -155,6 +178,8 @@ class Config:
     target: TargetConfig
     pre: PreConfig
     dataset: DatasetConfig
+    valid: ValidConfig
+    post: PostConfig
     # (section, key) -> (file that set it, raw text), for settings that differ from the defaults
     overrides: tuple[tuple[str, str, str, str], ...] = ()
 

@@ -1,0 +1,92 @@
+"""Inference: TTA views invert exactly, padding and tiles are cropped exactly, ensembles average."""
+import numpy as np
+import pytest
+import torch
+
+from inference import predict_image, taper, tile_origins, tta_views
+from model import build_model
+
+
+class PixelModel(torch.nn.Module):
+    """A stand-in network whose output at a pixel depends only on that pixel's input, so every
+    flip, rotation, pad and tile must give back exactly the same maps."""
+    stride = 16
+    heads = ("semantic", "contour")
+
+    def predict(self, x):
+        return {"semantic": torch.sigmoid(4 * x[:, :1] - 2), "contour": x[:, 1:2] * x[:, 2:3]}
+
+
+def expected(image):
+    return {"semantic": torch.sigmoid(4 * image[0] - 2).numpy(), "contour": (image[1] * image[2]).numpy()}
+
+
+@pytest.mark.parametrize("rotations", [False, True])
+def test_every_view_is_undone_exactly(rotations):
+    x = torch.rand(1, 1, 8, 8)
+    views = tta_views(True, rotations)
+    assert len(views) == (8 if rotations else 4)
+    assert all(torch.equal(inv(fwd(x)), x) for fwd, inv in views)
+    assert len({fwd(x).numpy().tobytes() for fwd, _ in views}) == len(views)  # all views differ
+
+
+@pytest.mark.parametrize("shape", [(37, 50), (64, 64), (16, 90)])
+@pytest.mark.parametrize("tta, rotate", [(False, False), (True, False), (True, True)])
+def test_padding_is_cropped_exactly(cfg, shape, tta, rotate):
+    image = torch.rand(3, *shape)
+    valid = cfg.replace("valid", test_time_augment=tta, tta_rotate=rotate).valid
+    out = predict_image([PixelModel()], image, valid, width=64)
+    for k, v in expected(image).items():
+        assert out[k].shape == shape
+        np.testing.assert_allclose(out[k], v, atol=1e-6)
+
+
+def test_tiles_blend_to_the_untiled_result(cfg):
+    image = torch.rand(3, 150, 200)
+    valid = cfg.replace("valid", tile_size=64, tile_overlap=16, test_time_augment=False).valid
+    out = predict_image([PixelModel()], image, valid, width=64)
+    for k, v in expected(image).items():
+        np.testing.assert_allclose(out[k], v, atol=1e-6)
+    assert tile_origins(200, 64, 48) == [0, 48, 96, 136] and tile_origins(50, 64, 48) == [0]
+    w = taper(64, 16)
+    assert w[32, 32] == 1 and w[0, 0] > 0 and w[0, 32] < 1
+
+
+def test_resize_mode_restores_the_size(cfg):
+    image = torch.rand(3, 70, 90)
+    out = predict_image([PixelModel()], image, cfg.replace("valid", pred_orig_size=False).valid, width=64)
+    assert out["semantic"].shape == (70, 90)
+
+
+def net(cfg, name, seed):
+    torch.manual_seed(seed)
+    return build_model(cfg.replace("model", model=name, encoder="plain", n_filter=4).model).eval()
+
+
+def test_ensemble_of_one_model_twice_equals_the_model(cfg):
+    model = net(cfg, "camunet", 0)
+    image = torch.rand(3, 40, 56)
+    once = predict_image([model], image, cfg.valid, 64)
+    twice = predict_image([model, model], image, cfg.valid, 64)
+    assert set(once) == {"semantic", "contour", "marker"}
+    for k in once:
+        np.testing.assert_allclose(twice[k], once[k], atol=1e-6)
+
+
+def test_mixed_models_average_the_heads_they_have(cfg):
+    unet, camunet = net(cfg, "unet", 1), net(cfg, "camunet", 2)
+    image = torch.rand(3, 32, 32)
+    a = predict_image([unet], image, cfg.valid, 64)
+    b = predict_image([camunet], image, cfg.valid, 64)
+    both = predict_image([unet, camunet], image, cfg.valid, 64)
+    np.testing.assert_allclose(both["semantic"], (a["semantic"] + b["semantic"]) / 2, atol=1e-6)
+    np.testing.assert_allclose(both["marker"], b["marker"], atol=1e-6)
+    vote = predict_image([unet, camunet], image, cfg.replace("valid", ensemble="vote").valid, 64)
+    assert set(np.unique(vote["semantic"])) <= {0.0, 0.5, 1.0}
+
+
+def test_uint8_images_are_accepted(cfg):
+    image = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
+    out = predict_image([PixelModel()], image, cfg.valid, 64)
+    np.testing.assert_allclose(out["semantic"], expected(torch.from_numpy(image).permute(2, 0, 1) / 255.0)["semantic"],
+                               atol=1e-6)

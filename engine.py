@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from config import Config, InputError
+from metrics import match
 from model import iou_score, multitask_loss
+from postprocess import postprocess
 
 TARGETS = ("semantic", "contour", "marker", "weight")
 
@@ -120,7 +122,8 @@ def _step(model, optimizer, scaler, grad_clip: float) -> None:
 @torch.inference_mode()
 def evaluate(model, loader, cfg: Config, device: torch.device) -> tuple[dict[str, float], dict | None]:
     """Validation pass without random augmentation. Images of any size are padded to the model's
-    stride and the outputs cropped back. Returns (mean stats like train_one_epoch's, the first
+    stride and the outputs cropped back. Returns (mean stats like train_one_epoch's plus 'dsb',
+    the DSB2018 score of the instances that `[post]` post-processing makes of the maps; the first
     sample's {'image', targets..., '<head>_prob'} for pictures).
     """
     model.eval()
@@ -141,6 +144,10 @@ def evaluate(model, loader, cfg: Config, device: torch.device) -> tuple[dict[str
         for name, logits in outputs.items():
             stats.add(f"loss_{name}", per_head[name].item(), n)
             stats.add(f"iou_{name}", iou_score(torch.sigmoid(logits), batch[name]), n)
+        probs = {k: torch.sigmoid(v).cpu().numpy() for k, v in outputs.items()}
+        for i, truth in enumerate(batch["labels"].cpu().numpy()):
+            instances = postprocess({k: v[i, 0] for k, v in probs.items()}, cfg.post)
+            stats.add("dsb", match(truth, instances).dsb)
         if first is None:
             first = {"image": batch["image"][0].cpu()}
             first.update({k: batch[k][0].cpu() for k in TARGETS if k in batch})

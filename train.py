@@ -153,9 +153,9 @@ def main(argv=None):
                     writer.add_scalar(f"valid/{key}", value, epoch)
                 if sample is not None:
                     log_images(writer, sample, epoch)
-                score = valid_stats["iou_semantic"]
+                score = valid_stats["dsb"]
                 scores.update(valid_score=score, valid_loss=valid_stats.get("loss"))
-                line += f" | valid IoU(semantic): {score:.3f}"
+                line += f" | valid DSB score: {score:.3f} IoU(semantic): {valid_stats['iou_semantic']:.3f}"
                 if score > best:
                     best = scores["best"] = score
                     save_checkpoint(ckpt_dir / "best.pkl", model, cfg, optimizer, scheduler, epoch, scores,

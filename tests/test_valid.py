@@ -1,0 +1,143 @@
+"""valid.py end to end on the bundled sample: train briefly, then score, tune, export and submit."""
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import train
+import valid
+from dataset.io import list_samples, read_sample
+from rle import read_submission, rle_decode
+from tests.conftest import REPO, SAMPLE, write_png
+
+SETTINGS = """
+[model]
+model = camunet
+encoder = plain
+n_filter = 4
+[train]
+n_batch = 4
+n_worker = 0
+n_cv_epoch = 1
+checkpoint_dir = ckpt
+log_dir = runs
+learn_rate = 0.003
+[pre]
+width = 64
+[dataset]
+root = data
+cv_ratio = 0.25
+cache_dir = cache
+[valid]
+test_time_augment = True
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A work folder with data/train (the sample), data/test (two images without masks) and a
+    checkpoint trained for two epochs."""
+    work = tmp_path_factory.mktemp("valid")
+    (work / "data").mkdir()
+    (work / "data" / "train").symlink_to(SAMPLE)
+    for files in list_samples(SAMPLE)[:2]:
+        target = work / "data" / "test" / files.id / "images"
+        target.mkdir(parents=True)
+        shutil.copy(files.image_path, target)
+    (work / "settings.ini").write_text(SETTINGS)
+    import os
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        train.main(["--epoch", "2", "--config", "settings.ini", "--quiet"])
+    finally:
+        os.chdir(old)
+    return work
+
+
+@pytest.fixture
+def work(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    return trained
+
+
+def test_scores_on_the_validation_split(work, capsys):
+    means = valid.main(["--dataset", "valid", "--config", "settings.ini", "--scores", "scores.csv",
+                        "--save", "figs"])
+    assert set(means) == {"dsb", "precision", "recall", "f1", "dice"}
+    assert all(0.0 <= v <= 1.0 for v in means.values())
+    out = capsys.readouterr().out
+    assert "mean: dsb" in out
+    table = (work / "scores.csv").read_text().splitlines()
+    assert table[0].startswith("image_id,dsb,precision,recall,f1,dice") and len(table) == 3
+    assert len(list((work / "figs").glob("*.png"))) == 2
+
+
+def test_ensemble_csv_follows_the_submission_rules(work):
+    ckpt = work / "ckpt" / "ckpt-2.pkl"
+    valid.main([str(ckpt), str(ckpt), "--config", "settings.ini", "--csv", "double.csv"])
+    valid.main([str(ckpt), "--config", "settings.ini", "--csv", "single.csv"])
+    text = (work / "double.csv").read_text()
+    assert text.splitlines()[0] == "ImageId,EncodedPixels"
+    assert text == (work / "single.csv").read_text()  # one checkpoint twice = that checkpoint
+    submission = read_submission(work / "double.csv")
+    tests = list_samples(work / "data" / "test")
+    assert set(submission) == {s.id for s in tests}
+    for files in tests:
+        image, _ = read_sample(files)
+        taken = np.zeros(image.shape[:2], int)
+        for runs in submission[files.id]:
+            assert runs[::2] == sorted(runs[::2])
+            taken += rle_decode(runs, image.shape[:2])
+        assert taken.max() <= 1  # no pixel in two nuclei
+
+
+def test_masks_and_label_tiffs_round_trip(work):
+    valid.main(["--dataset", "valid", "--config", "settings.ini", "--masks", "pred", "--labels", "tifs"])
+    import tifffile
+    for files in list_samples(work / "pred"):
+        _, labels = read_sample(files) if files.mask_paths else (None, None)
+        tif = tifffile.imread(work / "tifs" / f"{files.id}.tif")
+        if labels is None:
+            assert tif.max() == 0
+        else:
+            assert np.array_equal(labels > 0, tif > 0) and labels.max() == tif.max()
+
+
+def test_tune_saves_thresholds_that_later_runs_use(work, capsys):
+    score = valid.main(["--dataset", "valid", "--config", "settings.ini", "--tune"])
+    saved = work / "ckpt" / "ckpt-2.pkl.post.json"
+    assert saved.is_file() and 0.0 <= score <= 1.0
+    valid.main(["--dataset", "valid", "--config", "settings.ini"])
+    assert "Using tuned post-processing" in capsys.readouterr().out
+    saved.unlink()
+
+
+def run(work, *args):
+    return subprocess.run([sys.executable, str(REPO / "valid.py"), *args, "--config", "settings.ini"],
+                          cwd=work, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": ""})
+
+
+def test_bad_checkpoint_is_one_line_and_writes_nothing(work):
+    (work / "junk.pkl").write_bytes(b"junk")
+    result = run(work, "junk.pkl", "--csv", "bad.csv")
+    assert result.returncode == 2 and "junk.pkl: not a readable checkpoint" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and not (work / "bad.csv").exists()
+
+
+def test_unreadable_image_leaves_no_partial_csv(work, tmp_path):
+    broken = work / "data" / "broken"
+    shutil.copytree(work / "data" / "test", broken)
+    sample = sorted(broken.iterdir())[-1]
+    (next((sample / "images").iterdir())).write_bytes(b"not an image")
+    result = run(work, "--dataset", "broken", "--csv", "partial.csv")
+    shutil.rmtree(broken)
+    assert result.returncode == 2 and "not a readable image" in result.stderr
+    assert not (work / "partial.csv").exists()
+
+
+def test_missing_dataset_folder(work):
+    result = run(work, "--dataset", "nowhere", "--csv", "x.csv")
+    assert result.returncode == 2 and "data/nowhere: dataset folder not found" in result.stderr

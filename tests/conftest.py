@@ -31,6 +31,23 @@ def make_sample(root: Path, sample_id: str, image: np.ndarray, masks: list[np.nd
     return folder
 
 
+def run_in_kernel(workdir: Path, cells: list[str]) -> list[dict]:
+    """Run notebook cells one by one in a real IPython kernel started in `workdir`; returns each
+    cell's reply content, and checks after the last one that the kernel still answers."""
+    import os
+    from jupyter_client.manager import start_new_kernel
+    manager, client = start_new_kernel(kernel_name="python3", cwd=str(workdir),
+                                       env={**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"})
+    try:
+        replies = [client.execute_interactive(cell, timeout=240, output_hook=lambda msg: None)["content"]
+                   for cell in cells]
+        assert client.execute_interactive("1 + 1", timeout=30, output_hook=lambda m: None)["content"]["status"] == "ok"
+        return replies
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+
+
 @pytest.fixture
 def cfg(tmp_path):
     """The default settings, ignoring any ./config.ini, with the sample cache in tmp_path."""

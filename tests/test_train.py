@@ -11,7 +11,7 @@ import torch
 import train
 from config import InputError
 from model.checkpoint import latest_checkpoint, load_model, read_checkpoint
-from tests.conftest import REPO, SAMPLE
+from tests.conftest import REPO, SAMPLE, run_in_kernel
 
 SETTINGS = """
 [model]
@@ -150,19 +150,7 @@ def test_damaged_checkpoint_is_one_line(workdir):
 
 def test_run_inside_a_jupyter_kernel(workdir):
     """`%run train.py --epoch 1` trains in a real IPython kernel, which stays alive afterwards."""
-    from jupyter_client.manager import start_new_kernel
-    import os
-    manager, client = start_new_kernel(kernel_name="python3", cwd=str(workdir),
-                                       env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        def run(code):
-            reply = client.execute_interactive(code, timeout=240, output_hook=lambda msg: None)
-            return reply["content"]
-        assert run(f"import sys; sys.path.insert(0, {str(REPO)!r})")["status"] == "ok"
-        content = run(f"%run {REPO / 'train.py'} --epoch 1 --config {settings(workdir)} --quiet")
-        assert content["status"] == "ok", (content.get("ename"), content.get("evalue"))
-        assert run("assert callable(main) and 1 + 1 == 2")["status"] == "ok"  # the kernel lives on
-        assert (workdir / "ckpt" / "ckpt-1.pkl").is_file()
-    finally:
-        client.stop_channels()
-        manager.shutdown_kernel(now=True)
+    replies = run_in_kernel(workdir, [f"%run {REPO / 'train.py'} --epoch 1 --config {settings(workdir)} --quiet",
+                                      "assert callable(main)"])
+    assert [r["status"] for r in replies] == ["ok", "ok"], [(r.get("ename"), r.get("evalue")) for r in replies]
+    assert (workdir / "ckpt" / "ckpt-1.pkl").is_file()

@@ -10,7 +10,7 @@ import train
 import valid
 from dataset.io import list_samples, read_sample
 from rle import read_submission, rle_decode
-from tests.conftest import REPO, SAMPLE, write_png
+from tests.conftest import REPO, SAMPLE, run_in_kernel
 
 SETTINGS = """
 [model]
@@ -141,3 +141,10 @@ def test_unreadable_image_leaves_no_partial_csv(work, tmp_path):
 def test_missing_dataset_folder(work):
     result = run(work, "--dataset", "nowhere", "--csv", "x.csv")
     assert result.returncode == 2 and "data/nowhere: dataset folder not found" in result.stderr
+
+
+def test_run_valid_inside_a_jupyter_kernel(work):
+    """`%run valid.py --show` in a notebook draws the figures and leaves the kernel running."""
+    replies = run_in_kernel(work, ["%matplotlib agg",
+                                   f"%run {REPO / 'valid.py'} --dataset valid --show --config settings.ini"])
+    assert [r["status"] for r in replies] == ["ok", "ok"], [(r.get("ename"), r.get("evalue")) for r in replies]

@@ -271,7 +271,7 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
         for key in names:
             if not defaults.has_option(section, key):
                 raise ConfigError(f"{default_path}: [{section}] {key} is missing")
-        raw[section] = {k: (v, "default") for k, v in defaults.items(section) if k in names}
+        raw[section] = {k: (v, str(default_path)) for k, v in defaults.items(section) if k in names}
 
     files = []
     if user_path is not None and Path(user_path).is_file():
@@ -296,10 +296,10 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
         values = {}
         for f in dataclasses.fields(cls):
             text, source = raw[section][f.name]
-            where = f"{default_path if source == 'default' else source}: [{section}] {f.name}"
+            where = f"{source}: [{section}] {f.name}"
             values[f.name] = _parse_value(hints[f.name], text, where)
             _check_field(f, values[f.name], where)
-            if source != "default":
+            if source != str(default_path):
                 default_value = _parse_value(hints[f.name], defaults.get(section, f.name), where)
                 if values[f.name] != default_value:
                     overrides.append((section, f.name, text.strip(), source))
@@ -311,6 +311,14 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
     if len(cfg.loss.head_weights) != 3:
         raise ConfigError(f"{raw['loss']['head_weights'][1]}: [loss] head_weights needs 3 numbers "
                           f"(semantic, contour, marker), got {len(cfg.loss.head_weights)}")
+    return cfg
+
+
+def load_and_report(extra: str | os.PathLike | None = None) -> Config:
+    """`load_config` for the scripts: also print every setting that differs from the defaults."""
+    cfg = load_config(extra)
+    for line in cfg.describe_overrides():
+        print("setting", line)
     return cfg
 
 

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from config import InputError, load_config, run_main
+from config import InputError, load_and_report, run_main
 from dataset import read_whitelist
 from dataset.io import SampleFiles, _imread, list_samples
 
@@ -223,9 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="extra settings file, read after config.ini")
     args = parser.parse_args(argv)
 
-    cfg = load_config(args.config)
-    for line in cfg.describe_overrides():
-        print(line)
+    cfg = load_and_report(args.config)
     if args.csv_out and not args.csv:
         raise InputError("--csv-out needs --csv")
     source = Path(args.source)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from config import load_config, run_main
+from config import load_and_report, run_main
 from dataset import NucleiDataset, split_ids
 from dataset.io import list_samples, read_sample_cached
 
@@ -80,9 +80,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=4, help="number of augmented samples to draw")
     parser.add_argument("--config", help="extra settings file, read after config.ini")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config)
-    for line in cfg.describe_overrides():
-        print("setting", line)
+    cfg = load_and_report(args.config)
 
     samples = list_samples(args.root)
     for line in summarize(samples, cfg):

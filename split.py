@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from config import DatasetConfig, InputError, load_config, run_main
+from config import DatasetConfig, InputError, load_and_report, run_main
 from dataset import apply_whitelist, read_whitelist, split_ids
 from dataset.io import list_samples
 
@@ -139,9 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="extra settings file, read after config.ini")
     args = parser.parse_args(argv)
 
-    cfg = load_config(args.config)
-    for line in cfg.describe_overrides():
-        print(line)
+    cfg = load_and_report(args.config)
     csv_file = cfg.dataset.csv_file if args.csv is None else (args.csv or None)
     # the filters' error messages name cfg_dataset.csv_file, so it must be the file actually read
     cfg_dataset = dataclasses.replace(cfg.dataset, csv_file=csv_file)

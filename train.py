@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from config import Config, InputError, load_config, run_main
+from config import Config, InputError, load_and_report, run_main
 from dataset import NucleiDataset, make_sampler, training_split
 from engine import evaluate, train_one_epoch
 from model import build_model, count_parameters
@@ -40,12 +40,13 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def make_scheduler(optimizer, cfg: Config):
+def make_scheduler(optimizer, cfg: Config, n_epoch: int):
+    """The `[train] lr_schedule`; a cosine schedule spans the `n_epoch` epochs of this run."""
     t = cfg.train
     if t.lr_schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
     if t.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, t.n_epoch))
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, n_epoch))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
@@ -97,9 +98,7 @@ def log_images(writer, sample: dict, epoch: int) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_config(args.config)
-    for line in cfg.describe_overrides():
-        print("setting", line)
+    cfg = load_and_report(args.config)
     n_epoch = cfg.train.n_epoch if args.epoch is None else args.epoch
     if n_epoch < 0:
         raise InputError(f"--epoch {n_epoch}: must be 0 or more")
@@ -116,7 +115,7 @@ def main(argv=None):
           f"{count_parameters(model) / 1e6:.2f} M parameters, on {device}; {n_train} training and "
           f"{n_valid} validation images")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.learn_rate, weight_decay=cfg.train.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg)
+    scheduler = make_scheduler(optimizer, cfg, n_epoch)
     start, best = resume_state(cfg, args, model, optimizer, scheduler)
     if args.lr is not None:
         for group in optimizer.param_groups:

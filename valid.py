@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from config import Config, InputError, PostConfig, load_config, run_main
+from config import Config, InputError, PostConfig, load_and_report, run_main
 from dataset import training_split
 from dataset.augment import to_tensor_image
 from dataset.io import list_samples, read_sample_cached
@@ -49,6 +50,7 @@ def parse_args(argv):
     parser.add_argument("--labels", metavar="DIR", help="write one label TIFF (uint16/int32) per image")
     parser.add_argument("--scores", metavar="PATH", help="write the per-image score table as CSV")
     parser.add_argument("--tune", action="store_true", help="grid-search [post] on this labelled set and save it")
+    parser.add_argument("--keep-policy", action="store_true", help="--tune only the thresholds, keep [post] policy")
     parser.add_argument("--no-tuned", dest="tuned", action="store_false", help="ignore saved tuned thresholds")
     parser.add_argument("--config", help="extra settings file, read after config.ini")
     return parser.parse_args(argv)
@@ -86,10 +88,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def tune(items: list, heads: set[str], base: PostConfig) -> tuple[PostConfig, float]:
-    """Best mean DSB score over the grid; items are (probs, truth) pairs."""
+def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = False) -> tuple[PostConfig, float]:
+    """Best mean DSB score over the grid; items are (probs, truth) pairs. Thresholds of heads the
+    models lack are not searched; with keep_policy neither is the policy."""
     grid = {k: v for k, v in TUNE_GRID.items()
-            if (k != "threshold_edge" or "contour" in heads) and (k != "threshold_mark" or "marker" in heads)}
+            if (k != "threshold_edge" or "contour" in heads) and (k != "threshold_mark" or "marker" in heads)
+            and (k != "policy" or not keep_policy)}
     best, best_score = base, -1.0
     combos = list(itertools.product(*grid.values()))
     for values in tqdm(combos, desc="tuning", leave=False):
@@ -141,7 +145,6 @@ def write_masks(folder: Path, sample_id: str, image: np.ndarray, labels: np.ndar
         cv2.imwrite(str(tmp / "masks" / f"{n:04d}.png"), (labels == n).astype(np.uint8) * 255)
     target = folder / sample_id
     if target.exists():
-        import shutil
         shutil.rmtree(target)
     os.replace(tmp, target)
 
@@ -158,9 +161,7 @@ def write_label_tiff(folder: Path, sample_id: str, labels: np.ndarray) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_config(args.config)
-    for line in cfg.describe_overrides():
-        print("setting", line)
+    cfg = load_and_report(args.config)
     paths = [Path(p) for p in args.checkpoints] or [latest_checkpoint(cfg.train.checkpoint_dir)]
     if paths[0] is None:
         raise InputError(f"{cfg.train.checkpoint_dir}: no current.json; name a checkpoint or train first")
@@ -205,7 +206,7 @@ def main(argv=None):
             plt.close(fig)
 
     if args.tune:
-        best, score = tune(kept, heads, cfg.post)
+        best, score = tune(kept, heads, cfg.post, args.keep_policy)
         values = {k: getattr(best, k) for k in TUNE_GRID}
         atomic_write_text(tuned_path(paths[0]), json.dumps({**values, "mean_dsb": score,
                                                             "dataset": args.dataset, "n_images": len(kept)}, indent=1))

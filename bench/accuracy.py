@@ -1,0 +1,182 @@
+"""Budgeted accuracy benchmark: train a config for a fixed wall-clock budget, score it, append a row.
+
+    python3 bench/accuracy.py --config configs/cpu_recipe.ini --budget 20
+    python3 bench/accuracy.py --classical                     # the Otsu + watershed floor
+    python3 bench/accuracy.py --config my.ini --budget 60 --data path/to/stage1_train
+    python3 bench/accuracy.py --from-run cpu_recipe --config configs/ablation/no_tta.ini --name no_tta
+
+On a DSB2018-layout folder (default ../shared/data/dsb2018/stage1_train) it makes a fixed seeded
+validation split (10 % of the images, seed 0, the same for every row), trains the config from
+scratch for --budget minutes, tunes the [post] thresholds on --tune-images training images only,
+scores the validation split with the DSB2018 metric, and appends one row to --results
+(default docs/results.csv): config, budget, machine, epochs reached, mean DSB score, the score
+per image type, F1 at IoU 0.5 and inference seconds per image.
+
+Image types, by a simple rule on the image itself: 'fluorescence' if the three channels are
+equal and the median is below 100 (bright nuclei on a dark background); 'brightfield' if the
+channels are equal otherwise; 'tissue' if the image has colour (H&E and similar stains).
+"""
+from __future__ import annotations
+
+import argparse
+import configparser
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from config import load_config  # noqa: E402
+from dataset import split_ids  # noqa: E402
+from dataset.io import list_samples, read_image, read_sample  # noqa: E402
+from metrics import match  # noqa: E402
+from postprocess import postprocess  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "dsb2018" / "stage1_train"
+TYPES = ("fluorescence", "brightfield", "tissue")
+
+
+def image_type(image: np.ndarray) -> str:
+    if (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all():
+        return "fluorescence" if np.median(image) < 100 else "brightfield"
+    return "tissue"
+
+
+def link_split(samples, ids: list[str], folder: Path) -> None:
+    """A folder of symbolic links to the chosen sample folders (no copies)."""
+    folder.mkdir(parents=True)
+    by_id = {s.id: s for s in samples}
+    for sample_id in ids:
+        (folder / sample_id).symlink_to(by_id[sample_id].folder.resolve())
+
+
+def merged_settings(configs: list, work: Path) -> Path:
+    """The given settings files (later ones win) with the benchmark's folders written over them."""
+    parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
+    parser.optionxform = str
+    for config in configs:
+        if config:
+            parser.read(config)
+    for section, values in {"dataset": {"root": str(work / "data"), "cache_dir": str(work.parent / "cache")},
+                            "train": {"checkpoint_dir": str(work / "checkpoint"), "log_dir": str(work / "runs")}}.items():
+        if not parser.has_section(section):
+            parser.add_section(section)
+        for key, value in values.items():
+            parser.set(section, key, value)
+    path = work / "settings.ini"
+    with open(path, "w") as fh:
+        parser.write(fh)
+    return path
+
+
+def classical(image: np.ndarray, cfg) -> np.ndarray:
+    """Otsu threshold (nuclei taken as the minority side) + distance-transform watershed."""
+    from skimage.filters import threshold_otsu
+    gray = image.mean(axis=2)
+    t = threshold_otsu(gray) if gray.max() > gray.min() else gray.max()
+    foreground = gray > t
+    if foreground.mean() > 0.5:  # brightfield and tissue: nuclei are the dark minority
+        foreground = ~foreground
+    return postprocess({"semantic": foreground.astype(np.float32)}, cfg.post)
+
+
+def append_row(path: Path, row: dict) -> None:
+    table = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    table.to_csv(tmp, index=False, float_format="%.4f")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="settings file to benchmark (default: config_default.ini alone)")
+    parser.add_argument("--budget", type=float, default=20.0, help="training minutes")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="DSB2018-layout folder")
+    parser.add_argument("--results", default="docs/results.csv")
+    parser.add_argument("--work", default="out/bench", help="folder for splits, checkpoints and logs")
+    parser.add_argument("--tune-images", type=int, default=40, help="training images used to tune [post]")
+    parser.add_argument("--classical", action="store_true", help="score the Otsu + watershed floor instead")
+    parser.add_argument("--name", help="row label (default: the config file name)")
+    parser.add_argument("--valid-args", default="", help="extra valid.py arguments for tuning and scoring, "
+                        "e.g. '--keep-policy'")
+    parser.add_argument("--from-run", metavar="NAME", help="no training: score the last checkpoint of the "
+                        "earlier run NAME (under --work) with --config as extra settings")
+    args = parser.parse_args(argv)
+
+    samples = [s for s in list_samples(args.data) if s.mask_paths is not None]
+    train_ids, valid_ids = split_ids([s.id for s in samples], 0.1, seed=0)
+    name = args.name or ("classical" if args.classical else Path(args.config or "defaults").stem)
+    work = Path(args.work) / name
+    if args.from_run == name:
+        raise SystemExit(f"error: --name {name} would overwrite the run it scores; choose another name")
+    if work.exists():
+        shutil.rmtree(work)
+    link_split(samples, train_ids, work / "data" / "train")
+    link_split(samples, valid_ids, work / "data" / "valid")
+    rng = np.random.default_rng(0)
+    link_split(samples, sorted(rng.choice(train_ids, min(args.tune_images, len(train_ids)), replace=False)),
+               work / "data" / "tune")
+    if args.from_run:
+        source = Path(args.work) / args.from_run
+        settings = merged_settings([source / "settings.ini", args.config], work)
+    else:
+        settings = merged_settings([args.config], work)
+    cfg = load_config(settings, user_path=None)
+    types = {s.id: image_type(read_image(s.image_path)) for s in samples if s.id in set(valid_ids)}
+
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    epochs = 0
+    start = time.perf_counter()
+    if args.classical:
+        scores = {}
+        for s in samples:
+            if s.id in types:
+                image, truth = read_sample(s)
+                scores[s.id] = match(truth, classical(image, cfg))
+        per_image = pd.DataFrame({"image_id": list(scores), "dsb": [v.dsb for v in scores.values()],
+                                  "f1": [v.f1 for v in scores.values()]})
+        seconds = (time.perf_counter() - start) / len(scores)
+    else:
+        import train
+        import valid
+        if args.from_run:
+            from model.checkpoint import latest_checkpoint, read_checkpoint
+            ckpt = str(latest_checkpoint(Path(args.work) / args.from_run / "checkpoint"))
+            epochs = read_checkpoint(ckpt)["epoch"]
+        else:
+            # [train] n_epoch of the config, stopped early if the budget runs out
+            epochs = train.main(["--no-resume", "--budget", str(args.budget), "--config", str(settings), "--quiet"])
+            ckpt = str(work / "checkpoint" / f"ckpt-{epochs}.pkl")
+        valid.main([ckpt, "--dataset", "tune", "--tune", "--config", str(settings), *args.valid_args.split()])
+        start = time.perf_counter()
+        valid.main([ckpt, "--dataset", "valid", "--scores", str(work / "scores.csv"), "--config", str(settings),
+                    *args.valid_args.split()])
+        seconds = (time.perf_counter() - start) / len(valid_ids)
+        per_image = pd.read_csv(work / "scores.csv")
+    per_image["type"] = per_image["image_id"].map(types)
+    config = " + ".join(filter(None, [f"run {args.from_run}" if args.from_run else None, args.config])) or "-"
+    row = {"name": name, "config": config, "budget_min": 0 if args.classical else args.budget,
+           "machine": f"{os.cpu_count()} cores, {device}, {platform.machine()}", "epochs": epochs,
+           "dsb": per_image["dsb"].mean(), "f1_at_0.5": per_image["f1"].mean(),
+           "seconds_per_image": seconds, "n_valid": len(per_image)}
+    for kind in TYPES:
+        part = per_image[per_image["type"] == kind]
+        row[f"dsb_{kind}"] = part["dsb"].mean() if len(part) else float("nan")
+        row[f"n_{kind}"] = len(part)
+    append_row(Path(args.results), row)
+    print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    return row
+
+
+if __name__ == "__main__":
+    main()

@@ -117,6 +117,7 @@ class PreConfig:
     channel_shuffle: bool
     grayscale: float = _between(0, 1)
     color_invert: bool
+    stretch: bool
     clahe: bool
     noise: bool
     noise_sigma: float = _at_least(0)

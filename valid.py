@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from config import Config, InputError, PostConfig, load_and_report, run_main
 from dataset import training_split
-from dataset.augment import to_tensor_image
+from dataset.augment import prepare_image, to_tensor_image
 from dataset.io import list_samples, read_sample_cached
 from inference import predict_image
 from metrics import match, mean_scores, score_table
@@ -181,7 +181,8 @@ def main(argv=None):
     rows, scores, kept = [], {}, []
     for files in tqdm(samples, desc="predicting", leave=False):
         image, truth = read_sample_cached(files, cfg.target.fill_holes, cfg.dataset.cache_dir)
-        probs = predict_image(models, to_tensor_image(image, cfg.pre.clahe), cfg.valid, cfg.pre.width, device)
+        probs = predict_image(models, to_tensor_image(prepare_image(image, cfg.pre)), cfg.valid, cfg.pre.width,
+                              device)
         if args.tune:
             if truth is None:
                 raise InputError(f"{files.folder}: --tune needs labelled images (masks/)")

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from config import Config, DatasetConfig, InputError
-from dataset.augment import Augmenter, to_tensor_image
+from dataset.augment import Augmenter, prepare_image, to_tensor_image
 from dataset.io import SampleFiles, list_samples, read_sample_cached
 from dataset.targets import make_targets
 
@@ -142,6 +142,7 @@ class NucleiDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         image, labels = self.decoded(index)
+        image = prepare_image(image, self.cfg.pre)
         if self.augment:
             if labels is None:
                 raise InputError(f"{self.samples[index].folder}: training sample has no masks/ folder")
@@ -149,7 +150,7 @@ class NucleiDataset(Dataset):
             image, labels = self.augmenter.geometric(image, labels, rng)
             tensor = self.augmenter.photometric(image, rng)
         else:
-            tensor = to_tensor_image(image, self.cfg.pre.clahe)
+            tensor = to_tensor_image(image)
         item: dict[str, torch.Tensor | int] = {"image": tensor, "index": index}
         if labels is not None:
             for name, array in make_targets(labels, self.cfg.contour, self.cfg.target).items():

@@ -23,6 +23,26 @@ def apply_clahe(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
+def stretch_contrast(image: np.ndarray, low: float = 0.5, high: float = 99.9, min_range: float = 16.0) -> np.ndarray:
+    """Map the image's `low`..`high` intensity percentiles (over all channels, so colours keep
+    their balance) to 0..255. Dim fluorescence images then look like bright ones; a nearly flat
+    image is stretched by at most 255 / min_range so its noise is not blown up."""
+    lo, hi = np.percentile(image, (low, high))
+    hi = max(hi, lo + min_range)
+    table = np.clip((np.arange(256, dtype=np.float32) - lo) * (255.0 / (hi - lo)), 0, 255)
+    return np.round(table).astype(np.uint8)[image]
+
+
+def prepare_image(image: np.ndarray, pre: PreConfig) -> np.ndarray:
+    """Deterministic whole-image preprocessing, the same for training and prediction:
+    `[pre] stretch` then `[pre] clahe`. RGB uint8 (H, W, 3) in and out."""
+    if pre.stretch:
+        image = stretch_contrast(image)
+    if pre.clahe:
+        image = apply_clahe(image)
+    return image
+
+
 def random_crop(image: np.ndarray, labels: np.ndarray, width: int, scale: float,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A random square window of side width / scale, resized to width x width.
@@ -85,6 +105,7 @@ class Augmenter:
 
     `geometric(image, labels, rng)` takes RGB uint8 (H, W, 3) and int32 labels (H, W) and returns
     a width x width pair; `photometric(image, rng)` returns float32 (3, width, width) in [0, 1].
+    Both expect an image already through `prepare_image`.
     """
 
     def __init__(self, pre: PreConfig):
@@ -109,8 +130,6 @@ class Augmenter:
         return flip_rotate(image, labels, pre.flip, pre.rotate, rng)
 
     def photometric(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        if self.pre.clahe:
-            image = apply_clahe(image)
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         if self.colour is not None:
             # torchvision draws from torch's generator: seed it from ours to stay reproducible
@@ -124,8 +143,6 @@ class Augmenter:
         return out
 
 
-def to_tensor_image(image: np.ndarray, clahe: bool) -> torch.Tensor:
-    """Deterministic conversion for evaluation: RGB uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1]."""
-    if clahe:
-        image = apply_clahe(image)
+def to_tensor_image(image: np.ndarray) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)

@@ -1,6 +1,7 @@
 """Augmentation keeps image and labels aligned and never invents instance ids."""
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from dataset.augment import Augmenter, elastic, random_crop
@@ -90,3 +91,30 @@ def test_switches_off_give_a_plain_crop(cfg):
             if np.array_equal(labels[y:y + 64, x:x + 64], lab)]
     assert hits and np.array_equal(image[hits[0][0]:hits[0][0] + 64, hits[0][1]:hits[0][1] + 64], im)
     assert np.allclose(aug.photometric(im, rng).permute(1, 2, 0).numpy() * 255, im)
+
+
+def test_stretch_contrast_brightens_dim_images_and_spares_flat_ones():
+    from dataset.augment import stretch_contrast
+    rng = np.random.default_rng(0)
+    dim = rng.integers(0, 8, (64, 64, 3)).astype(np.uint8)
+    dim[20:30, 20:30] = 40                       # a dim nucleus
+    out = stretch_contrast(dim)
+    assert out[25, 25, 0] == 255 and out.dtype == np.uint8
+    flat = np.full((32, 32, 3), 100, np.uint8)
+    flat[0, 0] = 104
+    assert stretch_contrast(flat).max() == round(4 * 255 / 16)  # a 4-level step becomes 64, not 255
+    colour = np.zeros((8, 8, 3), np.uint8)
+    colour[..., 0], colour[..., 1] = 200, 100
+    stretched = stretch_contrast(colour)
+    assert stretched[0, 0, 0] > stretched[0, 0, 1] > stretched[0, 0, 2]  # channel order kept
+
+
+def test_training_and_prediction_see_the_same_preprocessing(cfg):
+    from dataset import NucleiDataset, list_samples
+    from dataset.augment import prepare_image, to_tensor_image
+    from tests.conftest import SAMPLE
+    c = cfg.replace("pre", stretch=True, clahe=True)
+    data = NucleiDataset(list_samples(SAMPLE)[:1], c, augment=False)
+    image, _ = data.decoded(0)
+    assert torch.equal(data[0]["image"], to_tensor_image(prepare_image(image, c.pre)))
+    assert not torch.equal(data[0]["image"], to_tensor_image(image))

@@ -10,13 +10,12 @@ instance labels and the semantic, contour, marker and weight targets.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from atomic import atomic_path
 from config import load_and_report, run_main
 from dataset import NucleiDataset, split_ids
 from dataset.io import list_samples, read_sample_cached
@@ -62,15 +61,11 @@ def draw(items: list[dict], path: Path) -> None:
             if ax is axes[0][PANELS.index(name)]:
                 ax.set_title(name, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
+        with atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=80)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def main(argv=None):

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from atomic import atomic_path
 from config import InputError
 
 HEADER = ("ImageId", "EncodedPixels")
@@ -142,19 +142,11 @@ def write_submission(path: str | os.PathLike, rows: Iterable[tuple[str, str | Se
     """Write rows (image_id, runs as a string or a flat list) as a CSV with the header
     ``ImageId,EncodedPixels``. Written under a temporary name in the same folder and renamed into
     place, so `path` holds either its old content or the whole new file, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(HEADER)
-            for image_id, runs in rows:
-                writer.writerow((image_id, runs if isinstance(runs, str) else rle_to_string(runs)))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(HEADER)
+        for image_id, runs in rows:
+            writer.writerow((image_id, runs if isinstance(runs, str) else rle_to_string(runs)))
 
 
 def read_submission(path: str | os.PathLike) -> dict[str, list[list[int]]]:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from atomic import atomic_path
 from config import Config, InputError, PostConfig, load_and_report, run_main
 from dataset import training_split
 from dataset.augment import prepare_image, to_tensor_image
@@ -81,11 +82,8 @@ def load_post(cfg: Config, checkpoint: Path, use_tuned: bool) -> PostConfig:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = False) -> tuple[PostConfig, float]:
@@ -126,11 +124,8 @@ def draw(image, truth, labels, probs, title: str):
 
 
 def save_figure(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=80)
 
 
 def write_masks(folder: Path, sample_id: str, image: np.ndarray, labels: np.ndarray) -> None:
@@ -151,12 +146,9 @@ def write_masks(folder: Path, sample_id: str, image: np.ndarray, labels: np.ndar
 
 def write_label_tiff(folder: Path, sample_id: str, labels: np.ndarray) -> None:
     import tifffile
-    folder.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if labels.max() < 2 ** 16 else np.int32
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{sample_id}.", suffix=".tif")
-    os.close(fd)
-    tifffile.imwrite(tmp, labels.astype(dtype))
-    os.replace(tmp, folder / f"{sample_id}.tif")
+    with atomic_path(folder / f"{sample_id}.tif", ".tif") as tmp:
+        tifffile.imwrite(tmp, labels.astype(dtype))
 
 
 def main(argv=None):

@@ -24,7 +24,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from atomic import atomic_path  # noqa: E402
 from config import load_config  # noqa: E402
 from dataset import split_ids  # noqa: E402
 from dataset.io import list_samples, read_image, read_sample  # noqa: E402
@@ -89,11 +89,8 @@ def classical(image: np.ndarray, cfg) -> np.ndarray:
 def append_row(path: Path, row: dict) -> None:
     table = pd.read_csv(path) if path.is_file() else pd.DataFrame()
     table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    table.to_csv(tmp, index=False, float_format="%.4f")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.4f")
 
 
 def main(argv=None):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from atomic import atomic_path
 from config import InputError
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -151,16 +151,9 @@ def _cache_key(files: SampleFiles, fill_holes: bool) -> str:
 
 
 def atomic_save_npz(path: Path, **arrays) -> None:
-    """Write an uncompressed .npz next to `path` under a temporary name, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write an uncompressed .npz under a temporary name next to `path`, then rename it into place."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
 
 
 def read_sample_cached(files: SampleFiles, fill_holes: bool, cache_dir: str | os.PathLike | None):

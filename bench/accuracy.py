@@ -4,6 +4,7 @@
     python3 bench/accuracy.py --classical                     # the Otsu + watershed floor
     python3 bench/accuracy.py --config my.ini --budget 60 --data path/to/stage1_train
     python3 bench/accuracy.py --from-run cpu_recipe --config configs/ablation/no_tta.ini --name no_tta
+    python3 bench/accuracy.py --config configs/cpu_recipe_v3.ini --config configs/ablation/caunet.ini
 
 On a DSB2018-layout folder (default ../shared/data/dsb2018/stage1_train) it makes a fixed seeded
 validation split (10 % of the images, seed 0, the same for every row), trains the config from
@@ -95,7 +96,8 @@ def append_row(path: Path, row: dict) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="settings file to benchmark (default: config_default.ini alone)")
+    parser.add_argument("--config", action="append", default=[], help="settings file to benchmark; repeat it to "
+                        "stack files, later ones win (default: config_default.ini alone)")
     parser.add_argument("--budget", type=float, default=20.0, help="training minutes")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="DSB2018-layout folder")
     parser.add_argument("--results", default="docs/results.csv")
@@ -111,7 +113,8 @@ def main(argv=None):
 
     samples = [s for s in list_samples(args.data) if s.mask_paths is not None]
     train_ids, valid_ids = split_ids([s.id for s in samples], 0.1, seed=0)
-    name = args.name or ("classical" if args.classical else Path(args.config or "defaults").stem)
+    name = args.name or ("classical" if args.classical
+                         else "+".join(Path(c).stem for c in args.config) or "defaults")
     work = Path(args.work) / name
     if args.from_run == name:
         raise SystemExit(f"error: --name {name} would overwrite the run it scores; choose another name")
@@ -124,9 +127,9 @@ def main(argv=None):
                work / "data" / "tune")
     if args.from_run:
         source = Path(args.work) / args.from_run
-        settings = merged_settings([source / "settings.ini", args.config], work)
+        settings = merged_settings([source / "settings.ini", *args.config], work)
     else:
-        settings = merged_settings([args.config], work)
+        settings = merged_settings(args.config, work)
     cfg = load_config(settings, user_path=None)
     types = {s.id: image_type(read_image(s.image_path)) for s in samples if s.id in set(valid_ids)}
 
@@ -161,7 +164,7 @@ def main(argv=None):
         seconds = (time.perf_counter() - start) / len(valid_ids)
         per_image = pd.read_csv(work / "scores.csv")
     per_image["type"] = per_image["image_id"].map(types)
-    config = " + ".join(filter(None, [f"run {args.from_run}" if args.from_run else None, args.config])) or "-"
+    config = " + ".join([f"run {args.from_run}"] * bool(args.from_run) + args.config) or "-"
     row = {"name": name, "config": config, "budget_min": 0 if args.classical else args.budget,
            "machine": f"{os.cpu_count()} cores, {device}, {platform.machine()}", "epochs": epochs,
            "dsb": per_image["dsb"].mean(), "f1_at_0.5": per_image["f1"].mean(),

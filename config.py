@@ -79,6 +79,7 @@ class TrainConfig:
     n_worker: int = _at_least(0)
     grad_accum: int = _at_least(1)
     grad_clip: float = _at_least(0)
+    amp: str = _choices("auto", "off", "float16", "bfloat16")
     seed: int
     balance_group: bool
     checkpoint_dir: str

@@ -49,6 +49,13 @@ class RunningMean:
         return {k: self.total[k] / self.count[k] for k in self.total}
 
 
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for [train] amp on this device; None: full float32."""
+    if amp == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return {"off": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[amp]
+
+
 def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device, epoch: int,
                     scaler: torch.amp.GradScaler | None, deadline: float | None = None,
                     show_progress: bool = True) -> tuple[dict[str, float], bool]:
@@ -61,7 +68,7 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device,
     train_cfg = cfg.train
     model.train()
     stats = RunningMean()
-    amp = device.type == "cuda"
+    dtype = amp_dtype(train_cfg.amp, device)
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not show_progress, dynamic_ncols=True)
     tick = time.perf_counter()
@@ -71,10 +78,12 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device,
         waited = time.perf_counter() - tick
         batch = to_device(batch, device)
         image = batch["image"]
-        if amp:
+        if device.type == "cuda":
             image = image.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             outputs = model(image)
+        if dtype is not None:  # the losses in float32
+            outputs = {name: logits.float() for name, logits in outputs.items()}
         loss, per_head = multitask_loss(outputs, batch, cfg.loss)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"epoch {epoch} step {step}: the loss is {loss.item()}; stopping. "

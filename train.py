@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from config import Config, InputError, load_and_report, run_main
 from dataset import NucleiDataset, make_sampler, training_split
-from engine import evaluate, train_one_epoch
+from engine import amp_dtype, evaluate, train_one_epoch
 from model import build_model, count_parameters
 from model.checkpoint import (latest_checkpoint, load_weights, model_config_of, read_checkpoint,
                               save_checkpoint, unwrap)
@@ -123,7 +123,8 @@ def main(argv=None):
         scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
     if device.type == "cuda" and torch.cuda.device_count() > 1:
         model = torch.nn.DataParallel(model)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    # float16 gradients need loss scaling; bfloat16 has float32's range and does not
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype(cfg.train.amp, device) == torch.float16 else None
 
     from tensorboardX import SummaryWriter
     writer = SummaryWriter(cfg.train.log_dir)

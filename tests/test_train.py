@@ -10,6 +10,7 @@ import torch
 
 import train
 from config import InputError
+from model import build_model
 from model.checkpoint import latest_checkpoint, load_model, read_checkpoint
 from tests.conftest import REPO, SAMPLE, run_in_kernel
 
@@ -154,3 +155,31 @@ def test_run_inside_a_jupyter_kernel(workdir):
                                       "assert callable(main)"])
     assert [r["status"] for r in replies] == ["ok", "ok"], [(r.get("ename"), r.get("evalue")) for r in replies]
     assert (workdir / "ckpt" / "ckpt-1.pkl").is_file()
+
+
+def test_bfloat16_training_keeps_float32_weights(workdir, monkeypatch):
+    """[train] amp = bfloat16 runs the convolutions in bfloat16 on a CPU; the losses, the weights
+    and the checkpoint stay float32."""
+    seen = set()
+
+    def build_and_watch(model_cfg):
+        model = build_model(model_cfg)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+        return model
+    monkeypatch.setattr(train, "build_model", build_and_watch)
+    config = settings(workdir)
+    Path(config).write_text(Path(config).read_text().replace("[train]\n", "[train]\namp = bfloat16\n"))
+    train.main(["--epoch", "2", "--config", config, "--quiet"])
+    state = read_checkpoint(latest_checkpoint(Path("ckpt")))
+    assert all(v.dtype == torch.float32 for v in state["state_dict"].values() if v.is_floating_point())
+    losses = [v for _, v in read_scalars(Path("runs"))["train/loss"]]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert torch.bfloat16 in seen
+
+
+def test_amp_setting_picks_the_autocast_dtype():
+    from engine import amp_dtype
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype("auto", cpu) is None and amp_dtype("auto", cuda) == torch.float16
+    assert amp_dtype("bfloat16", cpu) == torch.bfloat16 and amp_dtype("off", cuda) is None

@@ -107,8 +107,9 @@ def main(argv=None):
     parser.add_argument("--name", help="row label (default: the config file name)")
     parser.add_argument("--valid-args", default="", help="extra valid.py arguments for tuning and scoring, "
                         "e.g. '--keep-policy'")
-    parser.add_argument("--from-run", metavar="NAME", help="no training: score the last checkpoint of the "
-                        "earlier run NAME (under --work) with --config as extra settings")
+    parser.add_argument("--from-run", metavar="NAME", action="append", default=[],
+                        help="no training: score the last checkpoint of the earlier run NAME (under --work) with "
+                        "--config as extra settings; repeat it to score the ensemble of several runs")
     args = parser.parse_args(argv)
 
     samples = [s for s in list_samples(args.data) if s.mask_paths is not None]
@@ -116,7 +117,7 @@ def main(argv=None):
     name = args.name or ("classical" if args.classical
                          else "+".join(Path(c).stem for c in args.config) or "defaults")
     work = Path(args.work) / name
-    if args.from_run == name:
+    if name in args.from_run:
         raise SystemExit(f"error: --name {name} would overwrite the run it scores; choose another name")
     if work.exists():
         shutil.rmtree(work)
@@ -126,7 +127,7 @@ def main(argv=None):
     link_split(samples, sorted(rng.choice(train_ids, min(args.tune_images, len(train_ids)), replace=False)),
                work / "data" / "tune")
     if args.from_run:
-        source = Path(args.work) / args.from_run
+        source = Path(args.work) / args.from_run[0]
         settings = merged_settings([source / "settings.ini", *args.config], work)
     else:
         settings = merged_settings(args.config, work)
@@ -151,20 +152,27 @@ def main(argv=None):
         import valid
         if args.from_run:
             from model.checkpoint import latest_checkpoint, read_checkpoint
-            ckpt = str(latest_checkpoint(Path(args.work) / args.from_run / "checkpoint"))
-            epochs = read_checkpoint(ckpt)["epoch"]
+            ckpts = []
+            for run in args.from_run:
+                # linked into this row's folder, so that the tuned thresholds are saved there
+                source = latest_checkpoint(Path(args.work) / run / "checkpoint")
+                link = work / "checkpoint" / f"{run}-{source.name}"
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(source.resolve())
+                ckpts.append(str(link))
+            epochs = read_checkpoint(ckpts[0])["epoch"]
         else:
             # [train] n_epoch of the config, stopped early if the budget runs out
             epochs = train.main(["--no-resume", "--budget", str(args.budget), "--config", str(settings), "--quiet"])
-            ckpt = str(work / "checkpoint" / f"ckpt-{epochs}.pkl")
-        valid.main([ckpt, "--dataset", "tune", "--tune", "--config", str(settings), *args.valid_args.split()])
+            ckpts = [str(work / "checkpoint" / f"ckpt-{epochs}.pkl")]
+        valid.main([*ckpts, "--dataset", "tune", "--tune", "--config", str(settings), *args.valid_args.split()])
         start = time.perf_counter()
-        valid.main([ckpt, "--dataset", "valid", "--scores", str(work / "scores.csv"), "--config", str(settings),
+        valid.main([*ckpts, "--dataset", "valid", "--scores", str(work / "scores.csv"), "--config", str(settings),
                     *args.valid_args.split()])
         seconds = (time.perf_counter() - start) / len(valid_ids)
         per_image = pd.read_csv(work / "scores.csv")
     per_image["type"] = per_image["image_id"].map(types)
-    config = " + ".join([f"run {args.from_run}"] * bool(args.from_run) + args.config) or "-"
+    config = " + ".join([f"run {run}" for run in args.from_run] + args.config) or "-"
     row = {"name": name, "config": config, "budget_min": 0 if args.classical else args.budget,
            "machine": f"{os.cpu_count()} cores, {device}, {platform.machine()}", "epochs": epochs,
            "dsb": per_image["dsb"].mean(), "f1_at_0.5": per_image["f1"].mean(),

@@ -7,6 +7,9 @@ For every model (unet, caunet, camunet) x decoder sharing, measured side by side
 - 'loop': `engine.train_one_epoch` over real augmented batches from a DataLoader (2 workers),
   with its own measure of the time spent waiting for data; the second of two passes is timed,
   and it includes starting the loader's worker processes, as every real epoch does.
+With --amp off bfloat16 every row is measured once per [train] amp setting, one after the other
+(bfloat16 autocast pays off on CPUs with AMX or AVX512-BF16 units). --models and --n-filter
+narrow the run to the recipe's own network.
 Prints a markdown table (images per second, loop/bare ratio, data-wait share) for docs/.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import load_config  # noqa: E402
 from dataset import NucleiDataset, list_samples  # noqa: E402
-from engine import train_one_epoch  # noqa: E402
+from engine import amp_dtype, train_one_epoch  # noqa: E402
 from model import build_model, multitask_loss  # noqa: E402
 
 KEYS = ("image", "semantic", "contour", "marker", "weight")
@@ -32,10 +35,13 @@ KEYS = ("image", "semantic", "contour", "marker", "weight")
 def bare_rate(model, cfg, batch: dict, steps: int) -> float:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     model.train()
+    dtype = amp_dtype(cfg.train.amp, torch.device("cpu"))
     times = []
     for _ in range(steps + 1):  # the first step warms up allocators and is dropped
         start = time.perf_counter()
-        loss, _ = multitask_loss(model(batch["image"]), batch, cfg.loss)
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = model(batch["image"])
+        loss, _ = multitask_loss({k: v.float() for k, v in outputs.items()}, batch, cfg.loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -64,6 +70,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="measured steps per setting")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--encoder", default="resnet34")
+    parser.add_argument("--n-filter", type=int, default=None, help="decoder width (default: the config's)")
+    parser.add_argument("--models", nargs="+", default=["unet", "caunet", "camunet"])
+    parser.add_argument("--amp", nargs="+", default=["off"], choices=["off", "bfloat16"])
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     samples = [s for s in list_samples(args.root) if s.mask_paths is not None][:args.steps * args.batch]
@@ -76,19 +85,23 @@ def main(argv=None):
         batch = {k: torch.stack([it[k] for it in items]) for k in KEYS}
         print(f"CPU, {torch.get_num_threads()} torch threads, {args.encoder} encoder, batch {args.batch} of "
               f"{args.width}x{args.width}, {args.steps} steps per row, {args.workers} loader workers\n")
-        print("| model | decoders | params (M) | bare img/s | loop img/s | loop / bare | data wait share |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-        for name in ("unet", "caunet", "camunet"):
+        print("| model | decoders | amp | params (M) | bare img/s | loop img/s | loop / bare | data wait share |")
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        for name in args.models:
             for shared in (True, False):
                 if name == "unet" and not shared:
                     continue  # one head: shared and separate are the same network
                 cfg = base.replace("model", model=name, encoder=args.encoder, shared_decoder=shared)
-                model = build_model(cfg.model)
-                params = sum(p.numel() for p in model.parameters()) / 1e6
-                bare = bare_rate(model, cfg, batch, args.steps)
-                loop, wait = loop_rate(model, cfg, data, args.steps, args.batch, args.workers)
-                print(f"| {name} | {'shared' if shared else 'separate'} | {params:.2f} | {bare:.2f} | "
-                      f"{loop:.2f} | {loop / bare:.2f} | {100 * wait:.1f}% |", flush=True)
+                if args.n_filter:
+                    cfg = cfg.replace("model", n_filter=args.n_filter)
+                for amp in args.amp:
+                    cfg = cfg.replace("train", amp=amp)
+                    model = build_model(cfg.model)
+                    params = sum(p.numel() for p in model.parameters()) / 1e6
+                    bare = bare_rate(model, cfg, batch, args.steps)
+                    loop, wait = loop_rate(model, cfg, data, args.steps, args.batch, args.workers)
+                    print(f"| {name} | {'shared' if shared else 'separate'} | {amp} | {params:.2f} | {bare:.2f} | "
+                          f"{loop:.2f} | {loop / bare:.2f} | {100 * wait:.1f}% |", flush=True)
 
 
 if __name__ == "__main__":

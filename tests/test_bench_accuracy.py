@@ -1,0 +1,62 @@
+"""bench/accuracy.py end to end on the bundled sample: a budgeted run, then an ensemble row."""
+import sys
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO, SAMPLE
+
+sys.path.insert(0, str(REPO / "bench"))
+import accuracy  # noqa: E402
+
+TINY = """
+[model]
+model = {model}
+encoder = plain
+n_filter = 4
+[train]
+n_epoch = 2
+n_batch = 4
+n_worker = 0
+n_cv_epoch = 0
+n_ckpt_epoch = 1
+[pre]
+width = 64
+"""
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for model in ("unet", "camunet"):
+        (tmp_path / f"{model}.ini").write_text(TINY.format(model=model))
+    return tmp_path
+
+
+def run(*args):
+    return accuracy.main(["--data", str(SAMPLE), "--work", "work", "--results", "results.csv",
+                          "--tune-images", "2", *args])
+
+
+def test_rows_for_a_run_and_an_ensemble_of_two(bench):
+    first = run("--config", "unet.ini", "--budget", "5")
+    assert first["epochs"] == 2 and first["n_valid"] == 1  # 10 % of 8 images, at least one
+    run("--config", "camunet.ini", "--budget", "5")
+    source_files = sorted(p.name for p in (bench / "work" / "unet" / "checkpoint").iterdir())
+    ensemble = run("--from-run", "unet", "--from-run", "camunet", "--name", "both")
+
+    table = pd.read_csv("results.csv")
+    assert list(table["name"]) == ["unet", "camunet", "both"]
+    assert table["config"].iloc[2] == "run unet + run camunet"
+    assert 0 <= ensemble["dsb"] <= 1 and ensemble["n_valid"] == 1
+    # the ensemble row is tuned and scored in its own folder; the runs it reads are left as they were
+    assert sorted(p.name for p in (bench / "work" / "unet" / "checkpoint").iterdir()) == source_files
+    assert (bench / "work" / "both" / "checkpoint" / "unet-ckpt-2.pkl.post.json").is_file()
+    scores = pd.read_csv(bench / "work" / "both" / "scores.csv")
+    assert len(scores) == 1 and scores["dsb"].iloc[0] == pytest.approx(ensemble["dsb"])
+
+
+def test_a_row_may_not_overwrite_the_run_it_scores(bench):
+    run("--config", "unet.ini", "--budget", "5")
+    with pytest.raises(SystemExit, match="overwrite"):
+        run("--from-run", "unet", "--name", "unet")

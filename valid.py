@@ -36,7 +36,7 @@ from model.checkpoint import latest_checkpoint, load_model
 from postprocess import postprocess
 from rle import labels_to_rows, write_submission
 
-TUNE_GRID = {"threshold": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95), "threshold_edge": (0.3, 0.5, 0.7),
+TUNE_GRID = {"threshold": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9), "threshold_edge": (0.3, 0.5, 0.7),
              "threshold_mark": (0.3, 0.5, 0.7), "policy": ("ws", "rw")}
 
 

@@ -56,6 +56,14 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"off": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[amp]
 
 
+def autocast_forward(model, image: torch.Tensor, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The model's head logits, computed under autocast to `dtype` (None: float32) and returned
+    as float32, so that the losses are always computed in full precision."""
+    with torch.autocast(image.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        outputs = model(image)
+    return {name: logits.float() for name, logits in outputs.items()}
+
+
 def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device, epoch: int,
                     scaler: torch.amp.GradScaler | None, deadline: float | None = None,
                     show_progress: bool = True) -> tuple[dict[str, float], bool]:
@@ -80,10 +88,7 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device,
         image = batch["image"]
         if device.type == "cuda":
             image = image.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            outputs = model(image)
-        if dtype is not None:  # the losses in float32
-            outputs = {name: logits.float() for name, logits in outputs.items()}
+        outputs = autocast_forward(model, image, dtype)
         loss, per_head = multitask_loss(outputs, batch, cfg.loss)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"epoch {epoch} step {step}: the loss is {loss.item()}; stopping. "

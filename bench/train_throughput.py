@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import load_config  # noqa: E402
 from dataset import NucleiDataset, list_samples  # noqa: E402
-from engine import amp_dtype, train_one_epoch  # noqa: E402
+from engine import amp_dtype, autocast_forward, train_one_epoch  # noqa: E402
 from model import build_model, multitask_loss  # noqa: E402
 
 KEYS = ("image", "semantic", "contour", "marker", "weight")
@@ -39,9 +39,7 @@ def bare_rate(model, cfg, batch: dict, steps: int) -> float:
     times = []
     for _ in range(steps + 1):  # the first step warms up allocators and is dropped
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            outputs = model(batch["image"])
-        loss, _ = multitask_loss({k: v.float() for k, v in outputs.items()}, batch, cfg.loss)
+        loss, _ = multitask_loss(autocast_forward(model, batch["image"], dtype), batch, cfg.loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

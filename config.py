@@ -182,8 +182,10 @@ class Config:
     dataset: DatasetConfig
     valid: ValidConfig
     post: PostConfig
-    # (section, key) -> (file that set it, raw text), for settings that differ from the defaults
+    # (section, key, raw text, file that set it), for settings that differ from the defaults
     overrides: tuple[tuple[str, str, str, str], ...] = ()
+    # (section, key, file that set it), for every key an override file names, even at its default
+    explicit: tuple[tuple[str, str, str], ...] = ()
 
     def replace(self, section: str, **values) -> "Config":
         """A copy with some keys of one section changed (values already typed)."""
@@ -193,6 +195,13 @@ class Config:
 
     def as_dict(self) -> dict[str, dict[str, object]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def source_of(self, section: str, key: str) -> str | None:
+        """The file that set [section] key explicitly (config.ini or --config), or None."""
+        for s, k, src in self.explicit:
+            if (s, k) == (section, key):
+                return src
+        return None
 
     def describe_overrides(self) -> list[str]:
         """Lines such as '[train] n_batch = 4   (config.ini)' for every non-default setting."""
@@ -275,6 +284,7 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
                 raise ConfigError(f"{default_path}: [{section}] {key} is missing")
         raw[section] = {k: (v, str(default_path)) for k, v in defaults.items(section) if k in names}
 
+    explicit: dict[tuple[str, str], str] = {}
     files = []
     if user_path is not None and Path(user_path).is_file():
         files.append(Path(user_path))
@@ -290,6 +300,7 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
                 if key not in raw[section]:
                     raise ConfigError(f"{path}: [{section}] unknown key {key!r}")
                 raw[section][key] = (value, str(path))
+                explicit[section, key] = str(path)
 
     built = {}
     overrides = []
@@ -306,7 +317,8 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
                 if values[f.name] != default_value:
                     overrides.append((section, f.name, text.strip(), source))
         built[section] = cls(**values)
-    cfg = Config(**built, overrides=tuple(overrides))
+    cfg = Config(**built, overrides=tuple(overrides),
+                 explicit=tuple((s, k, src) for (s, k), src in explicit.items()))
     if cfg.pre.rescale_min > cfg.pre.rescale_max:
         raise ConfigError(f"{raw['pre']['rescale_min'][1]}: [pre] rescale_min {cfg.pre.rescale_min}"
                           f" is above rescale_max {cfg.pre.rescale_max}")
@@ -314,6 +326,42 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
         raise ConfigError(f"{raw['loss']['head_weights'][1]}: [loss] head_weights needs 3 numbers "
                           f"(semantic, contour, marker), got {len(cfg.loss.head_weights)}")
     return cfg
+
+
+def _as_text(value) -> str:
+    """A typed setting back to the text an INI file would hold for it."""
+    if value is None:
+        return ""
+    if isinstance(value, (tuple, list)):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def under_saved(cfg: Config, saved: dict, where: str) -> tuple[Config, list[tuple[str, str, object]]]:
+    """The settings `saved` (a `Config.as_dict()` stored with a checkpoint), with the keys the user
+    set explicitly (`cfg.explicit`) kept as the user set them.
+
+    Every saved value is checked like a value read from a file (`where` names the checkpoint in
+    the error). Keys the saved settings lack (an older checkpoint) keep `cfg`'s value. Returns the
+    merged Config and the (section, key, value) list of saved values that differ from `cfg`'s.
+    """
+    built, taken = {}, []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        ours = getattr(cfg, section)
+        theirs = saved.get(section) or {}
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = getattr(ours, f.name)
+            if f.name in theirs and cfg.source_of(section, f.name) is None:
+                at = f"{where}: saved [{section}] {f.name}"
+                value = _parse_value(hints[f.name], _as_text(theirs[f.name]), at)
+                _check_field(f, value, at)
+                if value != getattr(ours, f.name):
+                    taken.append((section, f.name, value))
+            values[f.name] = value
+        built[section] = cls(**values)
+    return dataclasses.replace(cfg, **built), taken
 
 
 def load_and_report(extra: str | os.PathLike | None = None) -> Config:

@@ -6,10 +6,10 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from config import Config, InputError
+from dataset.targets import make_targets
 from metrics import match
 from model import iou_score, multitask_loss
 from postprocess import postprocess
@@ -23,17 +23,6 @@ class NonFiniteLoss(InputError):
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def pad_to_stride(x: torch.Tensor, stride: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad (B, C, H, W) at the bottom and right to multiples of `stride`; returns (padded, (H, W))."""
-    h, w = x.shape[-2:]
-    pad_h, pad_w = -h % stride, -w % stride
-    if pad_h or pad_w:
-        # reflect needs the pad to be smaller than the side; replicate always works
-        use = mode if (mode != "reflect" or (pad_h < h and pad_w < w)) else "replicate"
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode=use)
-    return x, (h, w)
 
 
 class RunningMean:
@@ -135,35 +124,41 @@ def _step(model, optimizer, scaler, grad_clip: float) -> None:
 
 @torch.inference_mode()
 def evaluate(model, loader, cfg: Config, device: torch.device) -> tuple[dict[str, float], dict | None]:
-    """Validation pass without random augmentation. Images of any size are padded to the model's
-    stride and the outputs cropped back. Returns (mean stats like train_one_epoch's plus 'dsb',
-    the DSB2018 score of the instances that `[post]` post-processing makes of the maps; the first
-    sample's {'image', targets..., '<head>_prob'} for pictures).
+    """Validation pass through the one inference path (`inference.predict_image`): every image of
+    `loader.dataset` (a NucleiDataset) is read, prepared with `[pre]`, predicted with `[valid]`
+    padding, tiles and TTA, and post-processed with `[post]`, exactly as `valid.py --no-tuned`
+    does with the checkpoint saved at this epoch.
+
+    Returns (mean stats: 'loss', 'loss_<head>', 'iou_<head>' of the predicted probability maps
+    against the targets, and 'dsb', the DSB2018 score of the instances; the first image's
+    {'image', targets..., '<head>_prob'} for pictures). The losses are those of the TTA-averaged
+    probabilities (as logits), so they are comparable between epochs, not with training losses.
     """
-    model.eval()
+    from inference import Member, member_input, predict_image
+
     bare = model.module if hasattr(model, "module") else model
+    bare.eval()
+    data = loader.dataset
+    member = Member(bare, cfg.pre, "training model")
     stats = RunningMean()
     first = None
-    amp = device.type == "cuda"
-    for batch in loader:
-        batch = to_device(batch, device)
-        image, (h, w) = pad_to_stride(batch["image"], bare.stride)
-        with torch.autocast(device.type, enabled=amp):
-            outputs = model(image)
-        outputs = {k: v[..., :h, :w].float() for k, v in outputs.items()}
-        loss, per_head = multitask_loss(outputs, batch, cfg.loss)
-        n = image.shape[0]
+    eps = 1e-6
+    for index in range(len(data)):
+        image, truth = data.decoded(index)
+        probs = predict_image([member], image, cfg.valid, device=device)
+        instances = postprocess(probs, cfg.post)
+        stats.add("dsb", match(truth, instances).dsb)
+        targets = {k: torch.from_numpy(v)[None, None] for k, v in make_targets(truth, cfg.contour, cfg.target).items()}
+        maps = {k: torch.from_numpy(v)[None, None] for k, v in probs.items()}
+        logits = {k: torch.logit(v.clamp(eps, 1 - eps)) for k, v in maps.items()}
+        loss, per_head = multitask_loss(logits, targets, cfg.loss)
         if math.isfinite(loss.item()):
-            stats.add("loss", loss.item(), n)
-        for name, logits in outputs.items():
-            stats.add(f"loss_{name}", per_head[name].item(), n)
-            stats.add(f"iou_{name}", iou_score(torch.sigmoid(logits), batch[name]), n)
-        probs = {k: torch.sigmoid(v).cpu().numpy() for k, v in outputs.items()}
-        for i, truth in enumerate(batch["labels"].cpu().numpy()):
-            instances = postprocess({k: v[i, 0] for k, v in probs.items()}, cfg.post)
-            stats.add("dsb", match(truth, instances).dsb)
+            stats.add("loss", loss.item())
+        for name, prob in maps.items():
+            stats.add(f"loss_{name}", per_head[name].item())
+            stats.add(f"iou_{name}", iou_score(prob, targets[name]))
         if first is None:
-            first = {"image": batch["image"][0].cpu()}
-            first.update({k: batch[k][0].cpu() for k in TARGETS if k in batch})
-            first.update({f"{k}_prob": torch.sigmoid(v[0]).cpu() for k, v in outputs.items()})
+            first = {"image": member_input(member, image)}
+            first.update({k: targets[k][0] for k in TARGETS if k in targets})
+            first.update({f"{k}_prob": v[0] for k, v in maps.items()})
     return stats.means(), first

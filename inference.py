@@ -1,23 +1,61 @@
-"""Network inference on images of any size: padding, resizing or tiles; flip TTA; checkpoint ensembles.
+"""Network inference on images of any size: the one path from an image to probability maps.
 
-The output of this module is float probability maps; `postprocess.py` turns them into instances.
+Training-time validation (`engine.evaluate`) and `valid.py` both call `predict_image`, so the score
+that picks `best.pkl` is computed exactly as `valid.py --no-tuned` computes it.
 
-    models = [load_model(path)[0] for path in paths]
-    probs = predict_image(models, image, cfg.valid, device)  # {'semantic': (H, W) float32, ...}
+    members = [Member(model, pre, name) for ...]    # a model and the [pre] it was trained with
+    probs = predict_image(members, image, cfg.valid, device=device)  # {'semantic': (H, W) float32, ...}
+
+Each member prepares the RGB uint8 image with its own `[pre]` settings (contrast stretch, CLAHE,
+input width when resizing), then padding to the network stride or tiles, test-time augmentation,
+and the average over members. `postprocess.py` turns the maps into instances.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import ValidConfig
-from engine import pad_to_stride
+from config import InputError, PreConfig, ValidConfig
+from dataset.augment import prepare_image, to_tensor_image
 
 View = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One network of an ensemble with the `[pre]` settings its input needs (None: the image is
+    given already prepared, as a float tensor) and a name for messages."""
+    model: torch.nn.Module
+    pre: PreConfig | None = None
+    name: str = "model"
+
+
+def pad_to_stride(x: torch.Tensor, stride: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad (B, C, H, W) at the bottom and right to multiples of `stride`; returns (padded, (H, W))."""
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % stride, -w % stride
+    if pad_h or pad_w:
+        # reflect needs the pad to be smaller than the side; replicate always works
+        use = mode if (mode != "reflect" or (pad_h < h and pad_w < w)) else "replicate"
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode=use)
+    return x, (h, w)
+
+
+def inference_dtype(device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for prediction: float16 on a GPU, None (float32) on a CPU."""
+    return torch.float16 if torch.device(device).type == "cuda" else None
+
+
+def _probabilities(model, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sigmoid maps of a batch, float32, under the device's inference autocast."""
+    dtype = inference_dtype(batch.device)
+    with torch.autocast(batch.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return model.predict(batch)
 
 
 def tta_views(flips: bool, rotations: bool) -> list[View]:
@@ -52,11 +90,11 @@ def _predict_padded(model, image: torch.Tensor, views: list[View], pad_mode: str
     padded, (h, w) = pad_to_stride(image, model.stride, pad_mode)
     if padded.shape[-1] != padded.shape[-2] and len(views) > 4:
         # rotated views of a non-square image differ in shape: run them one by one
-        outs = [model.predict(fwd(padded)) for fwd, _ in views]
+        outs = [_probabilities(model, fwd(padded)) for fwd, _ in views]
         return {k: torch.stack([inv(o[k]) for o, (_, inv) in zip(outs, views)]).mean(0)[0, 0, :h, :w]
                 for k in outs[0]}
     batch = torch.cat([fwd(padded) for fwd, _ in views])
-    out = model.predict(batch)
+    out = _probabilities(model, batch)
     return {k: torch.stack([inv(v[i:i + 1]) for i, (_, inv) in enumerate(views)]).mean(0)[0, 0, :h, :w]
             for k, v in out.items()}
 
@@ -69,39 +107,57 @@ def tile_origins(size: int, tile: int, step: int) -> list[int]:
     return starts + [size - tile]
 
 
-def taper(tile: int, overlap: int) -> torch.Tensor:
-    """(tile, tile) blending weights: 1 in the middle, falling linearly over `overlap` pixels to a
-    small positive value at the edges, so overlapping tiles fade into each other."""
-    ramp = torch.ones(tile)
-    if overlap > 0:
-        edge = (torch.arange(overlap, dtype=torch.float32) + 0.5) / overlap
-        ramp[:overlap] = edge
-        ramp[-overlap:] = torch.minimum(ramp[-overlap:], edge.flip(0))
-    return ramp[:, None] * ramp[None, :]
+def tile_layout(size: int, tile_size: int, overlap: int, stride: int) -> tuple[int, list[int]]:
+    """(tile length, tile starts) along one axis of `size` pixels.
+
+    A side up to `tile_size` is one tile. A longer side gets the fewest tiles of at most
+    `tile_size` pixels that overlap by at least `overlap`, each shrunk (to a multiple of `stride`)
+    so that they share the side evenly: only the overlaps are computed twice, never a nearly
+    whole extra tile. 1030 pixels with tile_size 1024 and overlap 64 give two 576-pixel tiles.
+    """
+    if size <= tile_size:
+        return size, [0]
+    if overlap >= tile_size:
+        raise InputError(f"[valid] tile_overlap {overlap} must be below tile_size {tile_size}")
+    n = math.ceil((size - overlap) / (tile_size - overlap))
+    tile = min(math.ceil((size + (n - 1) * overlap) / n / stride) * stride, size)
+    return tile, tile_origins(size, tile, tile - overlap)
+
+
+def taper(height: int, width: int, overlap: int) -> torch.Tensor:
+    """(height, width) blending weights: 1 in the middle, falling linearly over `overlap` pixels to
+    a small positive value at the edges, so overlapping tiles fade into each other."""
+    def ramp(n: int) -> torch.Tensor:
+        r = torch.ones(n)
+        k = min(overlap, n // 2)
+        if k > 0:
+            edge = (torch.arange(k, dtype=torch.float32) + 0.5) / k
+            r[:k] = edge
+            r[-k:] = torch.minimum(r[-k:], edge.flip(0))
+        return r
+    return ramp(height)[:, None] * ramp(width)[None, :]
 
 
 def _predict_tiled(model, image: torch.Tensor, views, valid: ValidConfig) -> dict[str, torch.Tensor]:
     """Overlapping tiles blended with tapered weights; memory is bounded by the tile size."""
-    tile = math.ceil(valid.tile_size / model.stride) * model.stride
     h, w = image.shape[-2:]
-    step = max(model.stride, tile - valid.tile_overlap)
-    weight = taper(tile, valid.tile_overlap).to(image.device)
+    tile_h, ys = tile_layout(h, valid.tile_size, valid.tile_overlap, model.stride)
+    tile_w, xs = tile_layout(w, valid.tile_size, valid.tile_overlap, model.stride)
+    weight = taper(tile_h, tile_w, valid.tile_overlap).to(image.device)
     total: dict[str, torch.Tensor] = {}
     norm = torch.zeros(h, w, device=image.device)
-    for y in tile_origins(h, tile, step):
-        for x in tile_origins(w, tile, step):
-            crop = image[..., y:y + tile, x:x + tile]
-            out = _predict_padded(model, crop, views, valid.pad_mode)
-            th, tw = crop.shape[-2:]
-            wt = weight[:th, :tw]
+    for y in ys:
+        for x in xs:
+            out = _predict_padded(model, image[..., y:y + tile_h, x:x + tile_w], views, valid.pad_mode)
             for k, v in out.items():
-                total.setdefault(k, torch.zeros(h, w, device=image.device))[y:y + th, x:x + tw] += wt * v
-            norm[y:y + th, x:x + tw] += wt
+                total.setdefault(k, torch.zeros(h, w, device=image.device))[y:y + tile_h, x:x + tile_w] += weight * v
+            norm[y:y + tile_h, x:x + tile_w] += weight
     return {k: v / norm for k, v in total.items()}
 
 
 def predict_model(model, image: torch.Tensor, valid: ValidConfig, width: int) -> dict[str, torch.Tensor]:
-    """One model on one float image (3, H, W) in [0, 1] on the model's device -> {head: (H, W)}."""
+    """One model on one prepared float image (3, H, W) in [0, 1] on the model's device
+    -> {head: (H, W) float32 probabilities}."""
     views = tta_views(valid.test_time_augment, valid.tta_rotate)
     batch = image[None]
     h, w = image.shape[-2:]
@@ -116,22 +172,43 @@ def predict_model(model, image: torch.Tensor, valid: ValidConfig, width: int) ->
     return _predict_padded(model, batch, views, valid.pad_mode)
 
 
-def predict_image(models: list, image: torch.Tensor | np.ndarray, valid: ValidConfig, width: int,
-                  device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+def _member(m) -> Member:
+    return m if isinstance(m, Member) else Member(m)
+
+
+def member_input(member: Member, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The float (3, H, W) input a member needs: an RGB uint8 image prepared with the member's
+    `[pre]`, or a float tensor taken as already prepared."""
+    if isinstance(image, torch.Tensor):
+        return image
+    if member.pre is None:
+        return to_tensor_image(image)
+    return to_tensor_image(prepare_image(image, member.pre))
+
+
+def predict_image(members: list, image: np.ndarray | torch.Tensor, valid: ValidConfig,
+                  width: int | None = None, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Ensemble prediction for one image -> {head: float32 (H, W) in [0, 1]} as numpy.
 
-    image: float (3, H, W) in [0, 1], or RGB uint8 (H, W, 3). Each head's map is averaged over
-    the models that have that head (so CAUNet and CAMUNet checkpoints combine); with
-    `ensemble = vote` each model's map is binarised at 0.5 first, giving the share of votes.
+    members: `Member`s (or bare models, which take the image as it is). image: RGB uint8
+    (H, W, 3), prepared by each member with its own `[pre]`; or a float (3, H, W) tensor in [0, 1]
+    that is already prepared. Each head's map is averaged over the members that have that head
+    (so CAUNet and CAMUNet checkpoints combine); with `ensemble = vote` and two or more members each
+    map is binarised at 0.5 first, giving the share of votes. `width`: the input side for
+    `pred_orig_size = False` when a member has no `[pre]`.
     """
-    if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
-    image = image.to(device)
+    members = [_member(m) for m in members]
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    for model in models:
-        for k, v in predict_model(model, image, valid, width).items():
-            v = (v > 0.5).float() if valid.ensemble == "vote" else v
+    prepared: dict[tuple, torch.Tensor] = {}
+    vote = valid.ensemble == "vote" and len(members) > 1
+    for member in members:
+        key = None if member.pre is None else (member.pre.stretch, member.pre.clahe)
+        if key not in prepared:
+            prepared[key] = member_input(member, image).to(device)
+        side = member.pre.width if member.pre is not None else (width or 256)
+        for k, v in predict_model(member.model, prepared[key], valid, side).items():
+            v = (v > 0.5).float() if vote else v
             sums[k] = sums[k] + v if k in sums else v
             counts[k] = counts.get(k, 0) + 1
     return {k: (sums[k] / counts[k]).float().cpu().numpy() for k in sums}

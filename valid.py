@@ -1,24 +1,26 @@
 """Predict, score and export: checkpoint ensembles, TTA, instances, DSB scores, figures, RLE CSV.
 
-    python3 valid.py --dataset valid --save            # figures + per-image scores + mean
+    python3 valid.py --dataset valid                   # side-by-side figures, per-image scores, mean
     python3 valid.py ckptA.pkl ckptB.pkl --csv         # ensemble two checkpoints, write a submission
     python3 valid.py --dataset valid --tune            # grid-search [post] thresholds, save them
-    %matplotlib inline; %run valid.py --show           # figures in a notebook
+    %matplotlib inline; %run valid.py --dataset valid  # figures inline in a notebook
 
-With no checkpoint, the one named by [train] checkpoint_dir/current.json is used. Images come from
-[dataset] root/<dataset>; `--dataset valid` without a valid/ folder uses the held-out split that
-train.py uses. Thresholds tuned with --tune are saved next to the first checkpoint
-(<checkpoint>.post.json) and used from then on unless --no-tuned is given.
+With no checkpoint, the one named by [train] checkpoint_dir/current.json is used. The checkpoint
+is the model: every setting it was trained with (its [pre] preprocessing, [valid], [post],
+[dataset], [target]) applies unless config.ini or --config sets that key explicitly; an explicit
+[pre] setting that contradicts a checkpoint is refused unless --override-pre. Each checkpoint of an
+ensemble gets its input prepared with its own [pre]. Images come from [dataset] root/<dataset>;
+`--dataset valid` without a valid/ folder uses the held-out split that train.py uses. Thresholds
+tuned with --tune are saved next to the first checkpoint (<checkpoint>.post.json) and used from then
+on (an explicit [post] setting still wins) unless --no-tuned is given.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import itertools
-import json
 import os
-import shutil
+import sys
 import tempfile
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,35 +28,125 @@ import torch
 from tqdm.auto import tqdm
 
 from atomic import atomic_path
-from config import Config, InputError, PostConfig, load_and_report, run_main
+from config import Config, InputError, load_and_report, run_main, under_saved
 from dataset import training_split
-from dataset.augment import prepare_image, to_tensor_image
 from dataset.io import list_samples, read_sample_cached
-from inference import predict_image
+from inference import Member, predict_image
 from metrics import match, mean_scores, score_table
 from model.checkpoint import latest_checkpoint, load_model
 from postprocess import postprocess
 from rle import labels_to_rows, write_submission
+from tuning import grid_for, resolve_post, tune, tuned_path, write_tuned
 
-TUNE_GRID = {"threshold": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9), "threshold_edge": (0.3, 0.5, 0.7),
-             "threshold_mark": (0.3, 0.5, 0.7), "policy": ("ws", "rw")}
+CHECKPOINT_SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt")
+# [pre] keys that change what the network is fed at prediction time (width: with pred_orig_size off)
+PRE_AT_PREDICTION = ("stretch", "clahe", "width")
+FIGURES = "out/figures"
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="*", help="checkpoint files (default: the latest)")
     parser.add_argument("--dataset", default="test", help="train, valid or test: a folder under [dataset] root")
-    parser.add_argument("--csv", nargs="?", const="submission.csv", help="write a run-length encoded submission")
-    parser.add_argument("--save", nargs="?", const="out/figures", help="write side-by-side figures to DIR")
+    parser.add_argument("--csv", nargs="?", const="submission.csv", metavar="PATH",
+                        help="write a run-length encoded submission (default PATH: submission.csv)")
+    parser.add_argument("--save", nargs="?", const=FIGURES, metavar="DIR",
+                        help=f"write the side-by-side figures to DIR (default {FIGURES})")
     parser.add_argument("--show", action="store_true", help="show the figures (inline in a notebook)")
+    parser.add_argument("--no-figures", dest="figures", action="store_false",
+                        help="no figures (they are made by default unless an output below is asked for)")
     parser.add_argument("--masks", metavar="DIR", help="write predicted instances as DSB-layout mask PNGs")
     parser.add_argument("--labels", metavar="DIR", help="write one label TIFF (uint16/int32) per image")
     parser.add_argument("--scores", metavar="PATH", help="write the per-image score table as CSV")
     parser.add_argument("--tune", action="store_true", help="grid-search [post] on this labelled set and save it")
     parser.add_argument("--keep-policy", action="store_true", help="--tune only the thresholds, keep [post] policy")
     parser.add_argument("--no-tuned", dest="tuned", action="store_false", help="ignore saved tuned thresholds")
+    parser.add_argument("--override-pre", action="store_true",
+                        help="use explicit [pre] settings even where they contradict a checkpoint's")
     parser.add_argument("--config", help="extra settings file, read after config.ini")
-    return parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    return reclaim_checkpoints(args, argv)
+
+
+def looks_like_checkpoint(path: str) -> bool:
+    """A checkpoint by its name, or an existing file in torch's zip or pickle format."""
+    if Path(path).suffix.lower() in CHECKPOINT_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def reclaim_checkpoints(args, argv: list[str]):
+    """`--csv` and `--save` take an optional value, so `--csv ckptA.pkl ckptB.pkl` would make
+    ckptA.pkl the submission's path and write over it. A value that is a checkpoint goes back to
+    the checkpoints, in command-line order, and the option takes its default."""
+    for option, default in (("csv", "submission.csv"), ("save", FIGURES)):
+        value = getattr(args, option)
+        if value is not None and value != default and looks_like_checkpoint(value):
+            args.checkpoints.append(value)
+            setattr(args, option, default)
+    position = {arg: i for i, arg in reversed(list(enumerate(argv)))}
+    args.checkpoints.sort(key=lambda p: position.get(p, len(argv)))
+    return args
+
+
+def refuse_overwrite(args, inputs: list[Path], data_folder: Path) -> None:
+    """No output may land on a checkpoint, a tuned file or the images read."""
+    protected = {p.resolve() for p in inputs} | {tuned_path(p).resolve() for p in inputs}
+    for option in ("csv", "scores"):
+        value = getattr(args, option)
+        if value is None:
+            continue
+        path = Path(value)
+        if path.resolve() in protected or (path.is_file() and looks_like_checkpoint(value)):
+            raise InputError(f"{path}: --{option} would write over a checkpoint; give another path")
+        if path.is_dir():
+            raise InputError(f"{path}: --{option} names a folder; give a file path")
+    data = data_folder.resolve()
+    for option in ("save", "masks", "labels"):
+        value = getattr(args, option)
+        if value is None:
+            continue
+        folder = Path(value).resolve()
+        if folder in protected or (folder.is_file()):
+            raise InputError(f"{value}: --{option} needs a folder, and this is a file")
+        if folder == data or data in folder.parents:
+            raise InputError(f"{value}: --{option} would write into the images being read ({data_folder})")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def load_members(paths: list[Path], cfg: Config, device, override_pre: bool) -> tuple[list[Member], Config]:
+    """Each checkpoint's model with the [pre] it was trained with, and the settings for this run:
+    the first checkpoint's settings under the user's explicit ones (config.under_saved)."""
+    members, settings = [], None
+    for path in paths:
+        model, state = load_model(path, device)
+        ours, taken = under_saved(cfg, state.get("config") or {}, str(path))
+        for key in PRE_AT_PREDICTION:
+            source = cfg.source_of("pre", key)
+            saved = (state.get("config") or {}).get("pre", {}).get(key)
+            if key == "width" and ours.valid.pred_orig_size:
+                continue  # the width matters only when images are resized to it
+            if source is not None and saved is not None and saved != getattr(cfg.pre, key) and not override_pre:
+                raise InputError(f"{source}: [pre] {key} = {getattr(cfg.pre, key)}, but {path} was trained with "
+                                 f"{saved}; remove the setting, or pass --override-pre to predict with it anyway")
+        members.append(Member(model.eval(), ours.pre, path.name))
+        shown = [f"[{s}] {k} = {v}" for s, k, v in taken
+                 if s in ("pre", "valid", "dataset", "target") and (settings is None or s == "pre")]
+        if shown:
+            print(f"settings from checkpoint {path.name}: " + ", ".join(shown))
+        if settings is None:
+            settings = ours
+    return members, settings
 
 
 def dataset_samples(cfg: Config, name: str):
@@ -64,42 +156,17 @@ def dataset_samples(cfg: Config, name: str):
     return list_samples(folder)
 
 
-def tuned_path(checkpoint: Path) -> Path:
-    return checkpoint.with_name(checkpoint.name + ".post.json")
+def semantic_iou(truth: np.ndarray, labels: np.ndarray) -> float:
+    union = np.count_nonzero((truth > 0) | (labels > 0))
+    return 1.0 if union == 0 else np.count_nonzero((truth > 0) & (labels > 0)) / union
 
 
-def load_post(cfg: Config, checkpoint: Path, use_tuned: bool) -> PostConfig:
-    path = tuned_path(checkpoint)
-    if not (use_tuned and path.is_file()):
-        return cfg.post
-    try:
-        values = json.loads(path.read_text())
-        post = dataclasses.replace(cfg.post, **{k: values[k] for k in TUNE_GRID})
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{path}: not a tuned-thresholds file ({exc})") from None
-    print(f"Using tuned post-processing from {path}: " + ", ".join(f"{k} = {values[k]}" for k in TUNE_GRID))
-    return post
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = False) -> tuple[PostConfig, float]:
-    """Best mean DSB score over the grid; items are (probs, truth) pairs. Thresholds of heads the
-    models lack are not searched; with keep_policy neither is the policy."""
-    grid = {k: v for k, v in TUNE_GRID.items()
-            if (k != "threshold_edge" or "contour" in heads) and (k != "threshold_mark" or "marker" in heads)
-            and (k != "policy" or not keep_policy)}
-    best, best_score = base, -1.0
-    combos = list(itertools.product(*grid.values()))
-    for values in tqdm(combos, desc="tuning", leave=False):
-        post = dataclasses.replace(base, **dict(zip(grid, values)))
-        score = float(np.mean([match(truth, postprocess(probs, post)).dsb for probs, truth in items]))
-        if score > best_score:
-            best, best_score = post, score
-    return best, best_score
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel whose figures are drawn inline."""
+    if "ipykernel" not in sys.modules:
+        return False
+    import matplotlib
+    return "inline" in matplotlib.get_backend().lower()
 
 
 def draw(image, truth, labels, probs, title: str):
@@ -158,23 +225,31 @@ def main(argv=None):
     if paths[0] is None:
         raise InputError(f"{cfg.train.checkpoint_dir}: no current.json; name a checkpoint or train first")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = [load_model(p, device)[0].eval() for p in paths]
-    heads = set().union(*(m.heads for m in models))
-    post = load_post(cfg, paths[0], args.tuned and not args.tune)
+    members, cfg = load_members(paths, cfg, device, args.override_pre)
+    heads = set().union(*(m.model.heads for m in members))
+    post, origin = resolve_post(cfg, paths[0], args.tuned and not args.tune)
+    print("[post] " + ", ".join(f"{k} = {getattr(post, k)} ({origin[k]})" for k in origin))
+    refuse_overwrite(args, paths, Path(cfg.dataset.root) / args.dataset)
     samples = dataset_samples(cfg, args.dataset)
-    print(f"{len(models)} checkpoint(s) ({', '.join(p.name for p in paths)}) on {len(samples)} "
+    print(f"{len(members)} checkpoint(s) ({', '.join(p.name for p in paths)}) on {len(samples)} "
           f"{args.dataset} images, {device}, TTA {'on' if cfg.valid.test_time_augment else 'off'}, policy {post.policy}")
 
-    if args.show or args.save:
+    outputs = args.csv or args.masks or args.labels or args.scores or args.tune
+    figures = args.show or args.save or (args.figures and not outputs)
+    if figures:
         import matplotlib
-        if not args.show:
+        show = args.show or (in_notebook() and not args.save)
+        if not show:
             matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        folder = None
+        if args.save or not show:
+            folder = Path(args.save or FIGURES)
+            print(f"side-by-side figures -> {folder}")
     rows, scores, kept = [], {}, []
     for files in tqdm(samples, desc="predicting", leave=False):
         image, truth = read_sample_cached(files, cfg.target.fill_holes, cfg.dataset.cache_dir)
-        probs = predict_image(models, to_tensor_image(prepare_image(image, cfg.pre)), cfg.valid, cfg.pre.width,
-                              device)
+        probs = predict_image(members, image, cfg.valid, device=device)
         if args.tune:
             if truth is None:
                 raise InputError(f"{files.folder}: --tune needs labelled images (masks/)")
@@ -184,26 +259,26 @@ def main(argv=None):
         title = f"{files.id[:16]}: {int(labels.max())} nuclei"
         if truth is not None:
             scores[files.id] = match(truth, labels)
-            title += f", DSB score {scores[files.id].dsb:.3f}"
+            title += f", IoU {semantic_iou(truth, labels):.3f}, DSB score {scores[files.id].dsb:.3f}"
         rows += labels_to_rows(files.id, labels)
         if args.masks:
             write_masks(Path(args.masks), files.id, image, labels)
         if args.labels:
             write_label_tiff(Path(args.labels), files.id, labels)
-        if args.show or args.save:
+        if figures:
             fig = draw(image, truth, labels, probs, title)
-            if args.save:
-                save_figure(fig, Path(args.save) / f"{files.id}.png")
-            if args.show:
+            if folder is not None:
+                save_figure(fig, folder / f"{files.id}.png")
+            if show:
                 plt.show()
             plt.close(fig)
 
     if args.tune:
-        best, score = tune(kept, heads, cfg.post, args.keep_policy)
-        values = {k: getattr(best, k) for k in TUNE_GRID}
-        atomic_write_text(tuned_path(paths[0]), json.dumps({**values, "mean_dsb": score,
-                                                            "dataset": args.dataset, "n_images": len(kept)}, indent=1))
-        print(f"Best mean DSB score {score:.4f} with " + ", ".join(f"{k} = {v}" for k, v in values.items())
+        grid = grid_for(heads, args.keep_policy)
+        best, score = tune(kept, heads, post, args.keep_policy)
+        record = write_tuned(tuned_path(paths[0]), best, score, grid, dataset=args.dataset, n_images=len(kept),
+                             checkpoints=[p.name for p in paths])
+        print(f"Best mean DSB score {score:.4f} with " + ", ".join(f"{k} = {record[k]}" for k in grid)
               + f"; saved to {tuned_path(paths[0])}")
         return score
     if scores:

@@ -48,7 +48,7 @@ def test_tiles_blend_to_the_untiled_result(cfg):
     for k, v in expected(image).items():
         np.testing.assert_allclose(out[k], v, atol=1e-6)
     assert tile_origins(200, 64, 48) == [0, 48, 96, 136] and tile_origins(50, 64, 48) == [0]
-    w = taper(64, 16)
+    w = taper(64, 64, 16)
     assert w[32, 32] == 1 and w[0, 0] > 0 and w[0, 32] < 1
 
 

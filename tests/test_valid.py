@@ -111,7 +111,7 @@ def test_tune_saves_thresholds_that_later_runs_use(work, capsys):
     saved = work / "ckpt" / "ckpt-2.pkl.post.json"
     assert saved.is_file() and 0.0 <= score <= 1.0
     valid.main(["--dataset", "valid", "--config", "settings.ini"])
-    assert "Using tuned post-processing" in capsys.readouterr().out
+    assert "(ckpt/ckpt-2.pkl.post.json)" in capsys.readouterr().out
     saved.unlink()
 
 

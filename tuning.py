@@ -1,0 +1,115 @@
+"""Tuning of the `[post]` settings and where each `[post]` value at prediction time comes from.
+
+No torch here: tuning works on saved probability maps.
+
+    best, score = tune(items, heads, post)           # items: [(probs, truth labels), ...]
+    write_tuned(tuned_path(ckpt), best, score, grid_used, dataset="tune", n_images=40)
+    post, origins = resolve_post(cfg, ckpt, use_tuned=True)
+
+A tuned file `<checkpoint>.post.json` holds the tuned values, the mean DSB score they reached, the
+grid that was searched, and the images used. Its values are checked like any config value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from atomic import atomic_path
+from config import Config, InputError, PostConfig
+from metrics import match
+from postprocess import postprocess
+
+TUNE_GRID = {"threshold": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9), "threshold_edge": (0.3, 0.5, 0.7),
+             "threshold_mark": (0.3, 0.5, 0.7), "policy": ("ws", "rw")}
+
+
+def tuned_path(checkpoint: str | Path) -> Path:
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + ".post.json")
+
+
+def grid_for(heads: set[str], keep_policy: bool = False) -> dict[str, tuple]:
+    """The part of TUNE_GRID that matters for models with these heads: thresholds of heads the
+    models lack are not searched; with keep_policy neither is the policy."""
+    return {k: v for k, v in TUNE_GRID.items()
+            if (k != "threshold_edge" or "contour" in heads) and (k != "threshold_mark" or "marker" in heads)
+            and (k != "policy" or not keep_policy)}
+
+
+def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = False) -> tuple[PostConfig, float]:
+    """Best mean DSB score over `grid_for(heads, keep_policy)`; items are (probs, truth) pairs.
+    Ties keep the first setting of the grid's order."""
+    grid = grid_for(heads, keep_policy)
+    best, best_score = base, -1.0
+    for values in tqdm(list(itertools.product(*grid.values())), desc="tuning", leave=False):
+        post = dataclasses.replace(base, **dict(zip(grid, values)))
+        score = float(np.mean([match(truth, postprocess(probs, post)).dsb for probs, truth in items]))
+        if score > best_score:
+            best, best_score = post, score
+    return best, best_score
+
+
+def write_tuned(path: Path, post: PostConfig, score: float, grid: dict[str, tuple], **about) -> dict:
+    """Save the searched keys' values, the score, the grid and `about` (dataset, n_images, ...)."""
+    record = {**{k: getattr(post, k) for k in grid}, "mean_dsb": score,
+              "grid": {k: list(v) for k, v in grid.items()}, **about}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def read_tuned(path: Path) -> dict[str, object]:
+    """The `[post]` values of a tuned file, each checked like a config value (type, choices,
+    range). A damaged file or a bad value is an InputError naming the file and the key."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a tuned-thresholds file ({exc})") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{path}: not a tuned-thresholds file (expected a JSON object)")
+    from config import _check_field  # the same checks as for config files
+    fields = {f.name: f for f in dataclasses.fields(PostConfig)}
+    values = {}
+    for key in TUNE_GRID:
+        if key not in record:
+            continue  # a key that was not searched (a model without that head)
+        value = record[key]
+        where = f"{path}: [post] {key}"
+        expected = str if key == "policy" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise InputError(f"{where}: {value!r} is not a valid value")
+        _check_field(fields[key], value, where)
+        values[key] = float(value) if key != "policy" else value
+    if not values:
+        raise InputError(f"{path}: not a tuned-thresholds file (none of {', '.join(TUNE_GRID)})")
+    return values
+
+
+def resolve_post(cfg: Config, checkpoint: Path | None, use_tuned: bool) -> tuple[PostConfig, dict[str, str]]:
+    """The `[post]` settings for prediction with `cfg` (the checkpoint's settings under the user's
+    explicit ones, see config.under_saved) and where each value came from.
+
+    Order: a value the user set explicitly (config.ini or --config) wins; then the tuned file next
+    to the checkpoint (unless use_tuned is False); then the value the checkpoint was trained with,
+    already in `cfg`. Returns (PostConfig, {key: origin}).
+    """
+    tuned = {}
+    path = tuned_path(checkpoint) if checkpoint is not None else None
+    if use_tuned and path is not None and path.is_file():
+        tuned = read_tuned(path)
+    values, origin = {}, {}
+    for f in dataclasses.fields(PostConfig):
+        source = cfg.source_of("post", f.name)
+        if source is not None:
+            origin[f.name] = source
+        elif f.name in tuned:
+            values[f.name] = tuned[f.name]
+            origin[f.name] = str(path)
+        else:
+            origin[f.name] = "checkpoint" if checkpoint is not None else "defaults"
+    return dataclasses.replace(cfg.post, **values), origin

@@ -11,36 +11,29 @@ with its per-channel median (its background, so no dark or bright border appears
 masks with 0. Pixels keep their dtype and channels (read and written unchanged, in OpenCV order).
 Tiles of a training image with no nucleus are dropped unless --keep-empty (kept tiles always get a
 masks/ folder, possibly empty, so they still read as training samples); test images (no masks/) keep
-every tile. The output is built in `.<name>.tmp-XXXX` next to it and renamed into place at the end.
+every tile. Each tile folder also gets a `group.txt` naming its source image's group (the source's own
+group.txt, else the root of its parent_id chain in --csv, else its id), so that split.py and the
+training split keep all tiles of one image on the same side of the validation split. A mask with
+more than one non-zero value (a label image) is refused, as in training. The output is built in
+`.<name>.tmp-XXXX` next to it and renamed into place at the end (atomic.atomic_dir); the CSV likewise.
+No torch here.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 
+from atomic import atomic_dir, atomic_path, check_output_folders
 from config import InputError, load_and_report, run_main
-from dataset import read_whitelist
-from dataset.io import SampleFiles, _imread, list_samples
-
-
-def tile_origins(size: int, width: int, step: int) -> list[int]:
-    """Tile starts along one axis of length `size`: 0, step, ... below size - width, then size - width.
-
-    A size at most `width` gives [0] (that tile is padded). step > width leaves gaps between tiles.
-    """
-    if width < 1 or step < 1:
-        raise ValueError(f"width {width} and step {step} must be at least 1")
-    if size <= width:
-        return [0]
-    # range() stops below size - width, so the edge tile is never a duplicate
-    return [*range(0, size - width, step), size - width]
+from dataset.io import GROUP_FILE, SampleFiles, _imread, list_samples, mask_inside
+from dataset.selection import read_whitelist, sample_groups
+from dataset.tiles import tile_origins
 
 
 def crop_tile(array: np.ndarray, y: int, x: int, width: int, fill) -> np.ndarray:
@@ -77,25 +70,23 @@ def read_unchanged(path: Path) -> np.ndarray:
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
-    """Encode `array` (as `read_unchanged` returns) to PNG and rename it into place."""
+    """Encode `array` (as `read_unchanged` returns) to PNG (inside the folder being built)."""
     ok, data = cv2.imencode(".png", array)
     if not ok:
         raise RuntimeError(f"OpenCV could not encode {path.name}")  # read_unchanged rules this out
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    part.write_bytes(data.tobytes())
-    os.replace(part, path)
+    path.write_bytes(data.tobytes())
 
 
 def tile_id(sample_id: str, y: int, x: int) -> str:
     return f"{sample_id}_{y}_{x}"
 
 
-def crop_sample(files: SampleFiles, out: Path, width: int, step: int,
-                keep_empty: bool) -> tuple[list[tuple[int, int]], int]:
+def crop_sample(files: SampleFiles, out: Path, width: int, step: int, keep_empty: bool,
+                group: str) -> tuple[list[tuple[int, int]], int]:
     """Write the tiles of one sample under `out`; returns (kept tile origins (y, x), number dropped).
 
-    Masks are read one at a time, so memory stays at one image plus one mask whatever their number.
+    Every kept tile gets `group` in its group.txt. Masks are read one at a time, so memory stays at one image plus one mask whatever their number.
     """
     image = read_unchanged(files.image_path)
     height, wide = image.shape[:2]
@@ -111,7 +102,7 @@ def crop_sample(files: SampleFiles, out: Path, width: int, step: int,
         if mask.shape[:2] != image.shape[:2]:
             raise InputError(f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from its "
                              f"image size {wide}x{height}")
-        inside = mask.reshape(height, wide, -1).any(axis=2)
+        inside = mask_inside(mask, path)
         rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
         if rows.size == 0:
             continue  # an empty mask has a piece in no tile
@@ -130,6 +121,7 @@ def crop_sample(files: SampleFiles, out: Path, width: int, step: int,
         write_png(out / name / "images" / f"{name}.png", crop_tile(image, y, x, width, fill))
         if files.mask_paths is not None:
             (out / name / "masks").mkdir(exist_ok=True)
+        (out / name / GROUP_FILE).write_text(group + "\n", encoding="utf-8")
     return kept, len(origins) - len(kept)
 
 
@@ -139,18 +131,6 @@ def crop_rows(table: pd.DataFrame, sample_id: str, kept: list[tuple[int, int]], 
     # text like the rest of the table: numbers next to the empty cells of other rows turn to floats
     return [{**base, "image_id": tile_id(sample_id, y, x), "parent_id": sample_id, "y": str(y),
              "x": str(x), "width": str(width)} for y, x in kept]
-
-
-def _check_folders(source: Path, out: Path, force: bool) -> None:
-    src, dst = source.resolve(), out.resolve()
-    if src.is_relative_to(dst) or dst.is_relative_to(src):
-        raise InputError(f"{out}: the output folder must lie outside the source {source} "
-                         f"and not hold it")
-    if os.path.lexists(out):
-        if not force:
-            raise InputError(f"{out}: already exists; use --force to replace it")
-        if out.is_symlink() or not out.is_dir():
-            raise InputError(f"{out}: not a plain folder; remove it yourself")
 
 
 def crop_dataset(source: str | os.PathLike, out: str | os.PathLike, width: int, step: int,
@@ -165,46 +145,30 @@ def crop_dataset(source: str | os.PathLike, out: str | os.PathLike, width: int, 
     source, out = Path(source), Path(out)
     if width < 1 or step < 1:
         raise InputError(f"--width {width} and --step {step} must be at least 1")
-    _check_folders(source, out, force)
+    check_output_folders(source, [out], force)
     samples = list_samples(source)
     table = read_whitelist(csv_path) if csv_path is not None else None
     csv_out = Path(csv_out if csv_out is not None else csv_path) if table is not None else None
+    groups = sample_groups(samples, table, csv_path)
 
     rows: list[dict] = []
     n_written = n_dropped = 0
-    building: Path | None = None
-    csv_part: Path | None = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        for files in samples:
-            kept, dropped = crop_sample(files, building, width, step, keep_empty)
-            n_written += len(kept)
-            n_dropped += dropped
-            if table is not None:
-                rows.extend(crop_rows(table, files.id, kept, width))
-        if csv_out is not None:
-            merged = pd.concat([table.reset_index(), pd.DataFrame(rows)], ignore_index=True)
-            merged = merged.drop_duplicates("image_id", keep="last")
-            fd, name = tempfile.mkstemp(prefix=f".{csv_out.name}.", suffix=".tmp", dir=csv_out.parent)
-            csv_part = Path(name)
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-                merged.to_csv(fh, index=False)
-        if os.path.lexists(out):
-            shutil.rmtree(out)
-        os.rename(building, out)
-        building = None
-        if csv_part is not None:
-            os.replace(csv_part, csv_out)
-            csv_part = None
-    except BaseException as exc:
-        if building is not None:
-            shutil.rmtree(building, ignore_errors=True)
-        if csv_part is not None:
-            csv_part.unlink(missing_ok=True)
-        if isinstance(exc, OSError):  # unwritable or full output folder: the user's to fix
-            raise InputError(f"{exc.filename or out}: cannot write ({exc.strerror or exc})") from None
-        raise
+        with ExitStack() as stack:
+            # entered CSV first, so on the way out the tiles are renamed into place before the CSV
+            csv_part = stack.enter_context(atomic_path(csv_out)) if csv_out is not None else None
+            building = stack.enter_context(atomic_dir(out, replace=force))
+            for files in samples:
+                kept, dropped = crop_sample(files, building, width, step, keep_empty, groups[files.id])
+                n_written += len(kept)
+                n_dropped += dropped
+                if table is not None:
+                    rows.extend(crop_rows(table, files.id, kept, width))
+            if csv_part is not None:
+                merged = pd.concat([table.reset_index(), pd.DataFrame(rows)], ignore_index=True)
+                merged.drop_duplicates("image_id", keep="last").to_csv(csv_part, index=False)
+    except OSError as exc:  # unwritable or full output folder: the user's to fix
+        raise InputError(f"{exc.filename or out}: cannot write ({exc.strerror or exc})") from None
     if csv_out is not None:
         print(f"CSV {csv_out}: {len(rows)} tile rows written")
     return n_written, n_dropped

@@ -4,8 +4,14 @@
     python3 preview.py data/train --n 6 --config my.ini
 
 Prints the number of images, sizes, nuclei per image and the validation split that `train.py`
-would use, then writes `preview.png`: for a few augmented training samples, the image, the
-instance labels and the semantic, contour, marker and weight targets.
+would use (whole groups, see `dataset.sample_groups`), then writes `preview.png`: for a few
+training samples, the image, the instance labels and the semantic, contour, marker and weight
+targets after the `[pre]` preprocessing and geometric augmentation (crop, rescale, elastic, flips,
+rotations) that training draws for them in its first epoch.
+
+No torch here, so it starts in a moment: the colour augmentation (torchvision's jitter, channel
+shuffle, grayscale, inversion) and `[pre] noise` are not drawn; the images show the colours the
+network gets before those random changes.
 """
 from __future__ import annotations
 
@@ -16,9 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from atomic import atomic_path
-from config import load_and_report, run_main
-from dataset import NucleiDataset, split_ids
+from config import Config, load_and_report, run_main
+from dataset.augment import Augmenter, item_generator, prepare_image
 from dataset.io import list_samples, read_sample_cached
+from dataset.selection import read_whitelist, sample_groups, split_ids
+from dataset.targets import make_targets
 
 PANELS = ("image", "labels", "semantic", "contour", "marker", "weight")
 
@@ -34,10 +42,26 @@ def summarize(samples, cfg) -> list[str]:
     if counts:
         lines.append(f"nuclei per labelled image: min {min(counts)}, median {int(np.median(counts))}, "
                      f"max {max(counts)}, total {sum(counts)}")
-    train, valid = split_ids([s.id for s in samples], cfg.dataset.cv_ratio, cfg.dataset.split_seed)
-    lines.append(f"validation split at cv_ratio {cfg.dataset.cv_ratio}, seed {cfg.dataset.split_seed}: "
-                 f"{len(train)} train, {len(valid)} valid")
+    csv_file = cfg.dataset.csv_file
+    groups = sample_groups(samples, read_whitelist(csv_file) if csv_file else None, csv_file)
+    train, valid = split_ids([s.id for s in samples], cfg.dataset.cv_ratio, cfg.dataset.split_seed, groups)
+    lines.append(f"validation split at cv_ratio {cfg.dataset.cv_ratio}, seed {cfg.dataset.split_seed}, "
+                 f"{len(set(groups.values()))} groups: {len(train)} train, {len(valid)} valid")
     return lines
+
+
+def augmented_items(samples, cfg: Config, n: int) -> list[dict[str, np.ndarray]]:
+    """`n` training items (cycling through `samples`) as numpy arrays: 'image' RGB uint8, 'labels'
+    and the targets, with the geometric draws `NucleiDataset` makes for them at epoch 0."""
+    augmenter = Augmenter(cfg.pre)
+    items = []
+    for index in range(n):
+        files = samples[index % len(samples)]
+        image, labels = read_sample_cached(files, cfg.target.fill_holes, cfg.dataset.cache_dir)
+        rng = item_generator(cfg.train.seed, 0, index % len(samples))
+        image, labels = augmenter.geometric(prepare_image(image, cfg.pre), labels, rng)
+        items.append({"image": image, "labels": labels, **make_targets(labels, cfg.contour, cfg.target)})
+    return items
 
 
 def draw(items: list[dict], path: Path) -> None:
@@ -52,11 +76,11 @@ def draw(items: list[dict], path: Path) -> None:
     for row, item in zip(axes, items):
         for ax, name in zip(row, PANELS):
             if name == "image":
-                ax.imshow(item["image"].permute(1, 2, 0).numpy())
+                ax.imshow(item["image"])
             elif name == "labels":
-                ax.imshow(label2rgb(item["labels"].numpy(), bg_label=0))
+                ax.imshow(label2rgb(item["labels"], bg_label=0))
             else:
-                ax.imshow(item[name][0].numpy(), cmap="magma" if name == "weight" else "gray")
+                ax.imshow(item[name], cmap="magma" if name == "weight" else "gray")
             ax.set_axis_off()
             if ax is axes[0][PANELS.index(name)]:
                 ax.set_title(name, fontsize=9)
@@ -82,8 +106,7 @@ def main(argv=None):
         print(line)
     labelled = [s for s in samples if s.mask_paths is not None]
     if labelled:
-        data = NucleiDataset(labelled, cfg, augment=True)
-        items = [data[i % len(data)] for i in range(args.n)]
+        items = augmented_items(labelled, cfg, args.n)
         for name in ("contour", "marker"):
             share = np.mean([float(item[name].mean()) for item in items])
             print(f"{name} target covers {100 * share:.1f}% of the pixels of an augmented {cfg.pre.width}px crop")

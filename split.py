@@ -4,10 +4,13 @@
                      [--force] [--copy] [--config PATH]
 
 Samples are chosen with `dataset.split_ids` (the same seeded split training uses without a valid/
-folder), after the CSV whitelist and its `[dataset]` filters. Every file of a sample folder is hard-
-linked, so the split costs no disk space; where links are impossible (another filesystem) the files
-are copied. Both folders are built under temporary names (`<out>/.train.tmp-XXXX`) and renamed into
-place at the end, so an interrupted run leaves no half split; list_samples skips dot-folders.
+folder), after the CSV whitelist and its `[dataset]` filters, and whole groups at a time: all tiles
+that crop.py cut from one image (and any samples sharing a group, see `dataset.sample_groups`) land
+on the same side. Every file of a sample folder (group.txt included) is hard-linked, so the split
+costs no disk space; where links are impossible (another filesystem) the files are copied. Both
+folders are built under temporary names (`<out>/.train.tmp-XXXX`, atomic.atomic_dir) and renamed
+into place at the end, so an interrupted run leaves no half split; list_samples skips dot-folders.
+No torch here.
 """
 from __future__ import annotations
 
@@ -15,12 +18,13 @@ import argparse
 import dataclasses
 import os
 import shutil
-import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
+from atomic import atomic_dir, check_output_folders
 from config import DatasetConfig, InputError, load_and_report, run_main
-from dataset import apply_whitelist, read_whitelist, split_ids
 from dataset.io import list_samples
+from dataset.selection import apply_whitelist, read_whitelist, sample_groups, split_ids
 
 PARTS = ("train", "valid")
 
@@ -48,25 +52,6 @@ class _Linker:
         self.n_copied += 1
 
 
-def _check_folders(source: Path, out: Path, force: bool) -> None:
-    """Refuse layouts where building or --force would read from or delete the source."""
-    src = source.resolve()
-    for part in PARTS:
-        target = (out / part).resolve()
-        if src.is_relative_to(target):
-            raise InputError(f"{source}: the source is the split's own {part}/ folder; "
-                             f"give another --out")
-        if target.is_relative_to(src):
-            raise InputError(f"{out / part}: the split would be written inside the source "
-                             f"folder {source}; give another --out")
-        if os.path.lexists(out / part):
-            if not force:
-                raise InputError(f"{out / part}: already exists; use --force to replace "
-                                 f"{out / 'train'} and {out / 'valid'}")
-            if (out / part).is_symlink() or not (out / part).is_dir():
-                raise InputError(f"{out / part}: not a plain folder; remove it yourself")
-
-
 def split_dataset(source: str | os.PathLike, out: str | os.PathLike, ratio: float, seed: int,
                   table, cfg_dataset: DatasetConfig, force: bool = False,
                   copy: bool = False) -> tuple[int, int]:
@@ -75,50 +60,39 @@ def split_dataset(source: str | os.PathLike, out: str | os.PathLike, ratio: floa
     table: the whitelist DataFrame from `read_whitelist` (indexed by image_id) or None for every
     sample; `cfg_dataset` supplies its source / major_category / sub_category filters.
     Returns (number of train samples, number of valid samples). Bad input: InputError, nothing
-    written. With `force`, an existing train/ and valid/ are removed, but only once the new split
-    is complete.
+    written. With `force`, an existing train/ and valid/ are replaced, but only once the new split
+    is complete. Samples of one group (`dataset.sample_groups`) go to the same side.
     """
     source, out = Path(source), Path(out)
     if not 0 < ratio < 1:
         raise InputError(f"--ratio {ratio}: must be between 0 and 1 (exclusive)")
-    _check_folders(source, out, force)
+    check_output_folders(source, [out / part for part in PARTS], force)
     samples = list_samples(source)
     kept = apply_whitelist(samples, cfg_dataset, table)
     if len(kept) < len(samples):
         print(f"CSV whitelist {cfg_dataset.csv_file}: kept {len(kept)} of {len(samples)} samples")
     by_id = {s.id: s for s in kept}
-    train_ids, valid_ids = split_ids(list(by_id), ratio, seed)
+    groups = sample_groups(kept, table, cfg_dataset.csv_file)
+    train_ids, valid_ids = split_ids(list(by_id), ratio, seed, groups)
     if not train_ids or not valid_ids:
-        raise InputError(f"{source}: {len(kept)} sample(s) cannot be split into a non-empty "
-                         f"train and valid part with --ratio {ratio}")
+        raise InputError(f"{source}: {len(kept)} sample(s) in {len(set(groups.values()))} group(s) "
+                         f"cannot be split into a non-empty train and valid part with --ratio {ratio}")
 
     link = _Linker(copy)
-    built: list[Path] = []  # temporary folders, then (once renamed) the final ones
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        for part, ids in zip(PARTS, (train_ids, valid_ids)):
-            built.append(Path(tempfile.mkdtemp(prefix=f".{part}.tmp-", dir=out)))
-            for sample_id in ids:
-                folder = by_id[sample_id].folder
-                for dirpath, _, filenames in os.walk(folder):
-                    target = built[-1] / sample_id / Path(dirpath).relative_to(folder)
-                    target.mkdir(parents=True, exist_ok=True)
-                    for name in filenames:
-                        link(Path(dirpath, name), target / name)
-        for part in PARTS:
-            if (out / part).is_dir():
-                shutil.rmtree(out / part)
-        for index, part in enumerate(PARTS):
-            os.rename(built[index], out / part)
-            built[index] = out / part
-    except BaseException as exc:
-        # also undoes a train/ already renamed into place when valid/ could not follow it
-        for folder in built:
-            shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(exc, OSError):  # unwritable --out, full disk: the user's to fix
-            raise InputError(f"{exc.filename or out}: cannot write the split "
-                             f"({exc.strerror or exc})") from None
-        raise
+        with ExitStack() as stack:
+            # both are renamed into place (valid/, then train/) only once both are complete
+            for part, ids in zip(PARTS, (train_ids, valid_ids)):
+                building = stack.enter_context(atomic_dir(out / part, replace=force))
+                for sample_id in ids:
+                    folder = by_id[sample_id].folder
+                    for dirpath, _, filenames in os.walk(folder):
+                        target = building / sample_id / Path(dirpath).relative_to(folder)
+                        target.mkdir(parents=True, exist_ok=True)
+                        for name in filenames:
+                            link(Path(dirpath, name), target / name)
+    except OSError as exc:  # unwritable --out, full disk: the user's to fix
+        raise InputError(f"{exc.filename or out}: cannot write the split ({exc.strerror or exc})") from None
     if link.n_linked:
         print(f"hard-linked {link.n_linked} files: no extra disk space; editing a file in place "
               f"also changes it in {source}")
@@ -149,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     ratio = cfg.dataset.cv_ratio if args.ratio is None else args.ratio
     seed = cfg.dataset.split_seed if args.seed is None else args.seed
     n_train, n_valid = split_dataset(source, out, ratio, seed, table, cfg_dataset, args.force, args.copy)
-    print(f"split {source} (ratio {ratio}, seed {seed}): train {n_train} -> {out / 'train'}, "
+    print(f"split {source} (ratio {ratio}, seed {seed}, whole groups): train {n_train} -> {out / 'train'}, "
           f"valid {n_valid} -> {out / 'valid'}")
 
 

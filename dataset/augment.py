@@ -5,15 +5,23 @@ the image and the label map together; labels are always resampled with nearest n
 instance id is never interpolated into another. Colour changes run afterwards on the image alone,
 with torchvision's transforms. All randomness comes from a numpy Generator passed in, so a sample
 is reproducible from its seed whatever process draws it.
+
+Importing this module does not import torch: only `Augmenter.photometric` and `to_tensor_image`
+need it, and import it when first called, so torch-free tools (preview.py) can use the geometry.
 """
 from __future__ import annotations
 
+from functools import cached_property
+
 import cv2
 import numpy as np
-import torch
-from torchvision.transforms import v2
 
 from config import PreConfig
+
+
+def item_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random state of training item `index` at `epoch`: the same in any process or worker."""
+    return np.random.default_rng([seed, epoch, index])
 
 
 def apply_clahe(image: np.ndarray) -> np.ndarray:
@@ -110,6 +118,13 @@ class Augmenter:
 
     def __init__(self, pre: PreConfig):
         self.pre = pre
+
+    @cached_property
+    def colour(self):
+        """The torchvision colour pipeline of `[pre]` (None when every colour switch is off), built
+        on first use so that geometry alone never imports torch."""
+        from torchvision.transforms import v2
+        pre = self.pre
         colour = []
         if pre.color_jitter:
             colour.append(v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05))
@@ -119,7 +134,7 @@ class Augmenter:
             colour.append(v2.RandomGrayscale(p=pre.grayscale))
         if pre.color_invert:
             colour.append(v2.RandomInvert(p=0.5))
-        self.colour = v2.Compose(colour) if colour else None
+        return v2.Compose(colour) if colour else None
 
     def geometric(self, image, labels, rng: np.random.Generator):
         pre = self.pre
@@ -129,13 +144,15 @@ class Augmenter:
             image, labels = elastic(image, labels, pre.elastic_alpha, pre.elastic_sigma, rng)
         return flip_rotate(image, labels, pre.flip, pre.rotate, rng)
 
-    def photometric(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    def photometric(self, image: np.ndarray, rng: np.random.Generator):
+        import torch
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        if self.colour is not None:
+        colour = self.colour
+        if colour is not None:
             # torchvision draws from torch's generator: seed it from ours to stay reproducible
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(rng.integers(0, 2**31)))
-                tensor = self.colour(tensor)
+                tensor = colour(tensor)
         out = tensor.float().div_(255.0)
         if self.pre.noise and self.pre.noise_sigma > 0:
             noise = rng.normal(0.0, self.pre.noise_sigma, out.shape).astype(np.float32)
@@ -143,6 +160,7 @@ class Augmenter:
         return out
 
 
-def to_tensor_image(image: np.ndarray) -> torch.Tensor:
-    """RGB uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1]."""
+def to_tensor_image(image: np.ndarray):
+    """RGB uint8 (H, W, 3) -> torch float32 (3, H, W) in [0, 1]."""
+    import torch
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)

@@ -1,7 +1,8 @@
 """Readers for the DSB2018 folder layout, and a disk cache of decoded samples.
 
 Layout: ``<root>/<id>/images/<id>.png`` and ``<root>/<id>/masks/*.png`` (one binary mask per
-nucleus). A sample folder without ``masks/`` is a test image. No torch here.
+nucleus). A sample folder without ``masks/`` is a test image. An optional ``<root>/<id>/group.txt``
+names the sample's group (see `dataset.selection.sample_groups`). No torch here.
 """
 from __future__ import annotations
 
@@ -18,20 +19,54 @@ from atomic import atomic_path
 from config import InputError
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-CACHE_VERSION = "1"  # bump when the decoded format changes
+CACHE_VERSION = "2"  # bump when the decoded output changes (2: hole filling spares other nuclei)
+GROUP_FILE = "group.txt"
 
 
 @dataclass(frozen=True)
 class SampleFiles:
-    """The files of one sample folder. `mask_paths` is None for a test image."""
+    """The files of one sample folder. `mask_paths` is None for a test image; `group` is the text of
+    the folder's group.txt, or None without one."""
     id: str
     folder: Path
     image_path: Path
     mask_paths: tuple[Path, ...] | None
+    group: str | None = None
 
 
 def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _mask_files(folder: Path) -> tuple[Path, ...]:
+    """The mask images in `folder`, sorted. Hidden entries (.DS_Store, editor files) are ignored;
+    anything else that is not an image file is refused, since a mask saved in another format
+    would otherwise go missing from the labels without a word."""
+    masks = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_file() or entry.suffix.lower() not in IMAGE_SUFFIXES:
+            raise InputError(f"{entry}: not a mask image; masks/ may hold only "
+                             f"{'/'.join(IMAGE_SUFFIXES)} files (and hidden files, which are ignored)")
+        masks.append(entry)
+    return tuple(masks)
+
+
+def read_group_file(folder: Path) -> str | None:
+    """The one-line group name in `folder`/group.txt, or None without that file."""
+    path = folder / GROUP_FILE
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: a group file must be UTF-8 text") from None
+    if not text or "\n" in text:
+        raise InputError(f"{path}: a group file must hold one non-empty line (the group name)")
+    return text
 
 
 def sample_files(folder: str | os.PathLike) -> SampleFiles:
@@ -44,8 +79,8 @@ def sample_files(folder: str | os.PathLike) -> SampleFiles:
     if len(images) != 1:
         raise InputError(f"{images_dir}: expected exactly one image, found {len(images)}")
     masks_dir = folder / "masks"
-    masks = tuple(_image_files(masks_dir)) if masks_dir.is_dir() else None
-    return SampleFiles(folder.name, folder, images[0], masks)
+    masks = _mask_files(masks_dir) if masks_dir.is_dir() else None
+    return SampleFiles(folder.name, folder, images[0], masks, read_group_file(folder))
 
 
 def list_samples(root: str | os.PathLike) -> list[SampleFiles]:
@@ -101,16 +136,30 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def mask_inside(array: np.ndarray, path: Path) -> np.ndarray:
+    """bool (H, W): the non-zero pixels (in any channel) of one nucleus mask as read from `path`.
+
+    A mask may use any one non-zero value (1, 255, 65535, a colour): 0/1, 0/255 and 16-bit masks
+    all work. More than one distinct non-zero value means a label image (several nuclei in one
+    file, or an anti-aliased drawing), which would be read as one nucleus: an InputError.
+    """
+    inside = array != 0 if array.ndim == 2 else (array != 0).any(axis=2)
+    values = array[inside]  # (N,) or (N, channels)
+    if values.size and (values != values[0]).any():
+        n_values = len(np.unique(values, axis=0))
+        raise InputError(f"{path}: mask holds {n_values} different non-zero values (a label image?); "
+                         f"masks/ needs one file per nucleus, each with a single non-zero value")
+    return inside
+
+
 def read_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
-    """Read one nucleus mask as bool (H, W); any non-zero pixel is inside."""
+    """Read one nucleus mask as bool (H, W); its non-zero pixels are inside (see `mask_inside`)."""
     path = Path(path)
     array = _imread(path)
-    if array.ndim == 3:
-        array = array.max(axis=2)
-    if array.shape != shape:
+    if array.shape[:2] != shape:
         raise InputError(f"{path}: mask size {array.shape[1]}x{array.shape[0]} differs from "
                          f"its image size {shape[1]}x{shape[0]}")
-    mask = array > 0
+    mask = mask_inside(array, path)
     if not mask.any():
         raise InputError(f"{path}: mask is empty")
     return mask
@@ -121,15 +170,24 @@ def compose_labels(masks: list[np.ndarray], shape: tuple[int, int], fill_holes: 
 
     Where masks overlap, the earlier mask keeps the pixel, so the result does not depend on
     anything but the order. A mask fully covered by earlier ones leaves its id unused.
+    fill_holes: the holes of each mask join it afterwards, but only on pixels that no mask covers,
+    so a ring-shaped mask never takes the nucleus inside it; a hole pixel enclosed by several masks
+    goes to the one with the smallest filled area (the innermost).
     """
     labels = np.zeros(shape, np.int32)
+    holes = []
     for index, mask in enumerate(masks, start=1):
-        rows, cols = ndimage.find_objects(mask.astype(np.uint8))[0]
-        crop = mask[rows, cols]
-        if fill_holes:
-            crop = ndimage.binary_fill_holes(crop)
-        target = labels[rows, cols]
+        box = ndimage.find_objects(mask.astype(np.uint8))[0]
+        crop = mask[box]
+        target = labels[box]
         target[crop & (target == 0)] = index
+        if fill_holes:
+            filled = ndimage.binary_fill_holes(crop)
+            if (filled != crop).any():
+                holes.append((int(filled.sum()), index, box, filled & ~crop))
+    for _, index, box, hole in sorted(holes, key=lambda h: h[:2]):
+        target = labels[box]
+        target[hole & (target == 0)] = index
     return labels
 
 

@@ -12,6 +12,8 @@ import pytest
 import crop
 from config import InputError
 from dataset.io import list_samples, read_sample
+from dataset.selection import sample_groups
+from dataset.tiles import tile_origins
 from tests.conftest import REPO, SAMPLE, disk, make_sample, write_png
 
 SHAPE = (300, 520)
@@ -38,14 +40,17 @@ def names(folder):
 
 
 def test_tile_origins():
-    assert crop.tile_origins(520, 256, 200) == [0, 200, 264]
-    assert crop.tile_origins(300, 256, 200) == [0, 44]
-    assert crop.tile_origins(456, 256, 200) == [0, 200]      # the edge tile is not repeated
-    assert crop.tile_origins(656, 256, 200) == [0, 200, 400]
-    assert crop.tile_origins(257, 256, 200) == [0, 1]
-    assert crop.tile_origins(256, 256, 200) == [0]
-    assert crop.tile_origins(100, 256, 200) == [0]
-    assert crop.tile_origins(10, 4, 4) == [0, 4, 6]
+    assert tile_origins(520, 256, 200) == [0, 200, 264]
+    assert tile_origins(300, 256, 200) == [0, 44]
+    assert tile_origins(456, 256, 200) == [0, 200]      # the edge tile is not repeated
+    assert tile_origins(656, 256, 200) == [0, 200, 400]
+    assert tile_origins(257, 256, 200) == [0, 1]
+    assert tile_origins(256, 256, 200) == [0]
+    assert tile_origins(100, 256, 200) == [0]
+    assert tile_origins(10, 4, 4) == [0, 4, 6]
+    assert tile_origins(20, 8, 10) == [0, 10, 12]       # a step above the width leaves gaps
+    with pytest.raises(ValueError, match="at least 1"):
+        tile_origins(20, 8, 0)
 
 
 def test_tiles_hold_the_source_pixels_and_their_masks(synthetic, tmp_path):
@@ -131,10 +136,11 @@ def test_refuses_existing_output_and_replaces_it_with_force(synthetic, tmp_path)
     assert names(out) == ["old"]
     crop.crop_dataset(source, out, 256, 200, force=True)
     assert "old" not in names(out) and len(names(out)) == 5
-    with pytest.raises(InputError, match="outside the source"):
+    with pytest.raises(InputError, match="lies inside the source"):
         crop.crop_dataset(source, source / "crops", 256, 200)
-    with pytest.raises(InputError, match="outside the source"):
+    with pytest.raises(InputError, match="holds the source"):
         crop.crop_dataset(source, tmp_path, 256, 200, force=True)
+    assert sorted(os.listdir(tmp_path)) == ["src", "src_crop"]
 
 
 def test_mask_size_mismatch_exits_2_and_leaves_nothing(synthetic, tmp_path):
@@ -162,3 +168,44 @@ def test_real_sample_crops_into_readable_samples(tmp_path):
         assert np.array_equal(read(sample.image_path), source_image[y:y + 200, x:x + 200])
         image, labels = read_sample(sample)  # every written mask is non-empty and the right size
         assert image.shape == (200, 200, 3) and labels.max() > 0
+
+
+def test_every_tile_records_the_group_of_its_source_image(synthetic, tmp_path):
+    source, _ = synthetic
+    crop.crop_dataset(source, tmp_path / "once", 256, 200)
+    assert {(f / "group.txt").read_text() for f in (tmp_path / "once").iterdir()} == {"img\n"}
+    # tiles of tiles keep the original image as their group, not the tile they were cut from
+    crop.crop_dataset(tmp_path / "once", tmp_path / "twice", 128, 128)
+    twice = list_samples(tmp_path / "twice")
+    assert len({s.id.rsplit("_", 2)[0] for s in twice}) == 5  # one from each first-level tile
+    assert set(sample_groups(twice).values()) == {"img"}
+
+
+def test_the_csv_parent_chain_names_the_group_when_the_source_has_no_group_file(synthetic, tmp_path):
+    source, _ = synthetic
+    csv = tmp_path / "meta.csv"
+    csv.write_text("image_id,parent_id\nimg,movie7\n")  # img is one frame of a time-lapse
+    crop.crop_dataset(source, tmp_path / "out", 256, 200, csv_path=csv)
+    assert {(f / "group.txt").read_text() for f in (tmp_path / "out").iterdir()} == {"movie7\n"}
+
+
+def test_a_label_image_in_masks_is_refused(synthetic, tmp_path):
+    source, _ = synthetic
+    two = (disk(SHAPE, (30, 30), 5) * 1 + disk(SHAPE, (60, 60), 5) * 2).astype(np.uint8)
+    bad = write_png(source / "img" / "masks" / "m003.png", two)
+    with pytest.raises(InputError, match=f"{bad}: mask holds 2 different non-zero values"):
+        crop.crop_dataset(source, tmp_path / "out", 256, 200)
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_outputs_are_readable_under_the_users_umask(synthetic, tmp_path):
+    source, _ = synthetic
+    csv = tmp_path / "meta.csv"
+    csv.write_text("image_id\nimg\n")
+    old = os.umask(0o022)
+    try:
+        crop.crop_dataset(source, tmp_path / "out", 256, 200, csv_path=csv, csv_out=tmp_path / "new.csv")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o755
+    assert os.stat(tmp_path / "new.csv").st_mode & 0o777 == 0o644

@@ -1,4 +1,5 @@
-"""split.py: hard links, the seeded split, the CSV whitelist, refusals, --force and the copy fallback."""
+"""split.py: hard links, the seeded split, groups, the CSV whitelist, refusals, --force and the
+copy fallback."""
 import errno
 import os
 import shutil
@@ -6,8 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
+import crop
 import split
 from config import InputError
 from dataset import split_ids
@@ -134,9 +137,9 @@ def test_refuses_sources_inside_the_split_and_splits_inside_the_source(source, t
     out = source.parent
     split.split_dataset(source, out, 0.2, 0, None, cfg.dataset)
     for part in ("train", "valid"):
-        with pytest.raises(InputError, match=f"own {part}/ folder"):
+        with pytest.raises(InputError, match=f"{out / part}: this output folder holds the source"):
             split.split_dataset(out / part, out, 0.2, 0, None, cfg.dataset, force=True)
-    with pytest.raises(InputError, match="inside the source"):
+    with pytest.raises(InputError, match="lies inside the source"):
         split.split_dataset(source, source, 0.2, 0, None, cfg.dataset)
     assert ids_in(source) == [f"s{i:02d}" for i in range(20)]
 
@@ -148,4 +151,55 @@ def test_refuses_ratios_that_leave_a_side_empty(source, tmp_path, cfg):
     shutil.copytree(source / "s00", single / "s00")
     with pytest.raises(InputError, match="cannot be split"):
         split.split_dataset(single, tmp_path / "out", 0.9, 0, None, cfg.dataset)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def tiled(tmp_path):
+    """tmp_path/crop: crop.py's 100x100 tiles (step 50) of six 200x200 images p0..p5, nine tiles each,
+    every tile with one nucleus in it; tmp_path/meta.csv: the CSV crop.py wrote for them."""
+    src = tmp_path / "src"
+    centres = [(y, x) for y in (20, 80, 180) for x in (20, 80, 180)]  # one in each tile of a 3x3 grid
+    for i in range(6):
+        make_sample(src, f"p{i}", np.full((200, 200), 30 * i, np.uint8),
+                    [disk((200, 200), c, 6) for c in centres])
+    csv = tmp_path / "meta.csv"
+    csv.write_text("image_id\n" + "".join(f"p{i}\n" for i in range(6)))
+    assert crop.crop_dataset(src, tmp_path / "crop", 100, 50, csv_path=csv) == (54, 0)
+    return tmp_path / "crop", csv
+
+
+def parents(folder):
+    return {name.split("_")[0] for name in ids_in(folder)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tiles_of_one_image_never_straddle_the_split(tiled, tmp_path, cfg, seed):
+    crops, _ = tiled
+    n_train, n_valid = split.split_dataset(crops, tmp_path / "out", 0.34, seed, None, cfg.dataset)
+    train, valid = parents(tmp_path / "out" / "train"), parents(tmp_path / "out" / "valid")
+    assert not train & valid and train | valid == {f"p{i}" for i in range(6)}
+    assert (n_train, n_valid) == (36, 18)  # two whole images of six: 18 tiles, a third
+    assert (tmp_path / "out" / "valid" / f"{min(valid)}_0_0" / "group.txt").read_text() == f"{min(valid)}\n"
+
+
+def test_without_group_files_the_csv_parent_ids_keep_tiles_together(tiled, tmp_path, cfg):
+    crops, csv = tiled
+    for path in crops.glob("*/group.txt"):  # tiles cut before crop.py wrote group files
+        path.unlink()
+    table = pd.read_csv(csv, dtype=str, keep_default_na=False).set_index("image_id")
+    split.split_dataset(crops, tmp_path / "out", 0.34, 0, table, cfg.dataset)
+    train, valid = parents(tmp_path / "out" / "train"), parents(tmp_path / "out" / "valid")
+    assert not train & valid and len(valid) == 2
+    # without the CSV every tile is on its own, and the split cuts through images
+    split.split_dataset(crops, tmp_path / "loose", 0.34, 0, None, cfg.dataset)
+    assert parents(tmp_path / "loose" / "train") & parents(tmp_path / "loose" / "valid")
+
+
+def test_one_group_cannot_be_split(tiled, tmp_path, cfg):
+    crops, _ = tiled
+    for path in crops.glob("*/group.txt"):
+        path.write_text("one sequence\n")
+    with pytest.raises(InputError, match=r"54 sample\(s\) in 1 group\(s\) cannot be split"):
+        split.split_dataset(crops, tmp_path / "out", 0.3, 0, None, cfg.dataset)
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,141 @@
+"""Which samples are used and which validate: the CSV whitelist, sample groups, the seeded split,
+and group-balancing weights. No torch here, so split.py, crop.py and preview.py start quickly.
+
+Groups keep samples that share pixels or time on one side of the validation split: the tiles that
+crop.py cuts from one image overlap, and frames of one time-lapse sequence are near copies, so a
+validation score over samples whose group is also trained on would flatter the model.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from config import Config, DatasetConfig, InputError
+from dataset.io import SampleFiles, list_samples
+
+FILTER_COLUMNS = ("source", "major_category", "sub_category")
+PARENT_COLUMN = "parent_id"
+
+
+def split_ids(ids: list[str], cv_ratio: float, seed: int,
+              groups: Mapping[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """Seeded split of sample ids into (train, valid), both sorted; a group never straddles it.
+
+    `groups` maps an id to its group name; an id it lacks is a group of its own (so a parent image
+    whose id is its tiles' group joins them). Whole groups, visited in a seeded random order, go to
+    valid while each one brings the valid count closer to round(len(ids) * cv_ratio). With a
+    positive ratio and at least two groups, each side gets at least one group. The result depends
+    only on the set of ids, their groups, the ratio and the seed; without groups (or with one id
+    per group) it is the plain per-id split of earlier versions, so fixed splits stay fixed.
+    """
+    ids = sorted(ids)
+    group_of = {i: (groups.get(i, i) if groups is not None else i) for i in ids}
+    sizes = Counter(group_of.values())
+    names = sorted(sizes)
+    target = int(round(len(ids) * cv_ratio))
+    if cv_ratio > 0 and len(names) >= 2:
+        target = min(max(target, 1), len(ids) - 1)
+    order = [names[k] for k in np.random.default_rng(seed).permutation(len(names))]
+    chosen: set[str] = set()
+    count = 0
+    for name in order:
+        if count >= target or len(chosen) == len(names) - 1:
+            break
+        if abs(count + sizes[name] - target) < target - count:
+            chosen.add(name)
+            count += sizes[name]
+    if not chosen and target > 0 and len(names) >= 2:
+        # every group overshoots the target on its own: take the one that overshoots least
+        chosen.add(min(order, key=lambda name: sizes[name]))
+    valid = {i for i in ids if group_of[i] in chosen}
+    return [i for i in ids if i not in valid], [i for i in ids if i in valid]
+
+
+def read_whitelist(path: str | os.PathLike) -> pd.DataFrame:
+    """The CSV whitelist, indexed by image_id. Unreadable file or missing column: InputError."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise InputError(f"{path}: CSV file not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
+        raise InputError(f"{path}: unreadable CSV ({str(exc).splitlines()[0]})") from None
+    if "image_id" not in table.columns:
+        raise InputError(f"{path}: CSV has no image_id column (columns: {', '.join(table.columns)})")
+    return table.drop_duplicates("image_id").set_index("image_id")
+
+
+def apply_whitelist(samples: list[SampleFiles], cfg: DatasetConfig,
+                    table: pd.DataFrame | None) -> list[SampleFiles]:
+    """Keep the samples whose CSV row matches every non-empty filter of `[dataset]`."""
+    if table is None:
+        return samples
+    keep = table
+    for column in FILTER_COLUMNS:
+        wanted = getattr(cfg, column)
+        if not wanted:
+            continue
+        if column not in table.columns:
+            raise InputError(f"{cfg.csv_file}: [dataset] {column} filters on a column the CSV lacks")
+        keep = keep[keep[column].isin(wanted)]
+    return [s for s in samples if s.id in keep.index]
+
+
+def sample_groups(samples: list[SampleFiles], table: pd.DataFrame | None = None,
+                  csv_path: str | os.PathLike | None = None) -> dict[str, str]:
+    """{sample id: group name}, for `split_ids`.
+
+    A sample's group is, in this order: the line in its folder's group.txt (crop.py writes the
+    source image's group there, so tiles of tiles keep the original image's group, and the file
+    travels with the folder through split.py); else, when a CSV `table` is given, the root of its
+    parent_id chain (crop.py's CSV rows name each tile's parent; a time-lapse CSV can name the
+    sequence); else the sample's own id. A parent_id chain that loops is an InputError naming
+    `csv_path`.
+    """
+    parents: dict[str, str] = {}
+    if table is not None and PARENT_COLUMN in table.columns:
+        parents = {str(i): p for i, p in table[PARENT_COLUMN].items() if p}
+    groups = {}
+    for files in samples:
+        if files.group is not None:
+            groups[files.id] = files.group
+            continue
+        name, seen = files.id, {files.id}
+        while name in parents:
+            name = parents[name]
+            if name in seen:
+                raise InputError(f"{csv_path}: the {PARENT_COLUMN} chain of {files.id} loops back to {name}")
+            seen.add(name)
+        groups[files.id] = name
+    return groups
+
+
+def balance_weights(samples: list[SampleFiles], table: pd.DataFrame, column: str,
+                    csv_path: str) -> np.ndarray:
+    """Sampling weights (float64, one per sample) that draw every value of `column` equally often."""
+    if column not in table.columns:
+        raise InputError(f"{csv_path}: [dataset] group_column {column!r} is not a CSV column")
+    values = [table.at[s.id, column] if s.id in table.index else "" for s in samples]
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse]
+
+
+def training_split(cfg: Config) -> tuple[list[SampleFiles], list[SampleFiles]]:
+    """(train, valid) samples: root/train and root/valid, or a seeded cv_ratio split of root/train
+    that keeps every group (`sample_groups`) on one side."""
+    data = cfg.dataset
+    root = Path(data.root)
+    table = read_whitelist(data.csv_file) if data.csv_file else None
+    train = apply_whitelist(list_samples(root / "train"), data, table)
+    if not train:
+        raise InputError(f"{root / 'train'}: no sample is left after the CSV whitelist {data.csv_file}")
+    if (root / "valid").is_dir():
+        return train, apply_whitelist(list_samples(root / "valid"), data, table)
+    groups = sample_groups(train, table, data.csv_file)
+    train_ids, valid_ids = split_ids([s.id for s in train], data.cv_ratio, data.split_seed, groups)
+    chosen = set(valid_ids)
+    return [s for s in train if s.id not in chosen], [s for s in train if s.id in chosen]

@@ -1,0 +1,84 @@
+"""The torch side of the dataset: `NucleiDataset` (tensors with every training target) and the
+group-balancing sampler. Everything else in `dataset` is torch-free.
+
+    train_samples, valid_samples = training_split(cfg)
+    data = NucleiDataset(train_samples, cfg, augment=True)
+    data[0] -> {'image': float32 (3, W, W) in [0, 1], 'semantic' | 'contour' | 'marker' | 'weight':
+               float32 (1, W, W), 'labels': int32 (W, W), 'index': int}
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+from config import Config, InputError
+from dataset.augment import Augmenter, item_generator, prepare_image, to_tensor_image
+from dataset.io import SampleFiles, read_sample_cached
+from dataset.selection import balance_weights, read_whitelist
+from dataset.targets import make_targets
+
+
+def make_sampler(samples: list[SampleFiles], cfg: Config, generator: torch.Generator | None = None):
+    """A WeightedRandomSampler for `[train] balance_group`, or None for plain shuffling."""
+    if not cfg.train.balance_group:
+        return None
+    if not cfg.dataset.csv_file:
+        raise InputError("[train] balance_group needs [dataset] csv_file to know the groups")
+    weights = balance_weights(samples, read_whitelist(cfg.dataset.csv_file), cfg.dataset.group_column,
+                              cfg.dataset.csv_file)
+    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.float64), num_samples=len(samples),
+                                 replacement=True, generator=generator)
+
+
+class NucleiDataset(Dataset):
+    """Samples as tensors with every training target.
+
+    augment=True: random `[pre]` augmentation and a width x width crop; the random state of item i
+    at epoch e is seeded from (seed, e, i), so runs repeat exactly with any number of workers.
+    augment=False: the whole image, deterministic (for validation).
+    Test samples (no masks) carry only 'image' and 'index'.
+    """
+
+    def __init__(self, samples: list[SampleFiles], cfg: Config, augment: bool, seed: int | None = None):
+        self.samples = list(samples)
+        self.cfg = cfg
+        self.augment = augment
+        self.augmenter = Augmenter(cfg.pre) if augment else None
+        self.seed = cfg.train.seed if seed is None else seed
+        self.epoch = 0
+        self._memory: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the augmentation draws (call before each epoch; workers see it when re-created)."""
+        self.epoch = epoch
+
+    def decoded(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """RGB uint8 image and int32 labels (or None), decoded once and then served from the cache."""
+        cache_dir = self.cfg.dataset.cache_dir
+        if cache_dir is not None:
+            return read_sample_cached(self.samples[index], self.cfg.target.fill_holes, cache_dir)
+        if index not in self._memory:
+            self._memory[index] = read_sample_cached(self.samples[index], self.cfg.target.fill_holes, None)
+        return self._memory[index]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        image, labels = self.decoded(index)
+        image = prepare_image(image, self.cfg.pre)
+        if self.augment:
+            if labels is None:
+                raise InputError(f"{self.samples[index].folder}: training sample has no masks/ folder")
+            rng = item_generator(self.seed, self.epoch, index)
+            image, labels = self.augmenter.geometric(image, labels, rng)
+            tensor = self.augmenter.photometric(image, rng)
+        else:
+            tensor = to_tensor_image(image)
+        item: dict[str, torch.Tensor | int] = {"image": tensor, "index": index}
+        if labels is not None:
+            for name, array in make_targets(labels, self.cfg.contour, self.cfg.target).items():
+                item[name] = torch.from_numpy(array)[None]
+            item["labels"] = torch.from_numpy(np.ascontiguousarray(labels))
+        return item

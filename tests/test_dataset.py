@@ -6,8 +6,8 @@ from torch.utils.data import DataLoader
 
 from config import InputError
 from dataset import (NucleiDataset, apply_whitelist, balance_weights, list_samples, make_sampler,
-                     read_whitelist, split_ids, training_split)
-from tests.conftest import SAMPLE
+                     read_whitelist, sample_groups, split_ids, training_split)
+from tests.conftest import SAMPLE, disk, make_sample
 
 
 def small(cfg):
@@ -55,6 +55,68 @@ def test_split_ids_is_seeded_and_complete():
     assert split_ids(list(reversed(ids)), 0.25, seed=1) == (train, valid)
     assert split_ids(ids, 0.25, seed=2) != (train, valid)
     assert split_ids(ids[:2], 0.01, seed=0)[1] and split_ids(ids, 0.0, seed=0)[1] == []
+
+
+def test_one_sample_per_group_gives_the_split_of_earlier_versions():
+    ids = [f"id{i:02d}" for i in range(20)]
+    assert split_ids(ids, 0.25, seed=1)[1] == ["id01", "id07", "id10", "id16", "id18"]  # as before groups
+    assert split_ids(ids, 0.25, 1, {i: i for i in ids}) == split_ids(ids, 0.25, 1)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_split_ids_moves_whole_groups_and_repeats(seed):
+    ids = [f"t{i:02d}" for i in range(30)]
+    groups = {i: f"image{int(i[1:]) // 3}" for i in ids}  # ten images, three tiles each
+    train, valid = split_ids(ids, 0.2, seed, groups)
+    assert len(valid) == 6 and sorted(train + valid) == ids
+    assert not {groups[i] for i in train} & {groups[i] for i in valid}
+    shuffled = dict(reversed(groups.items()))
+    assert split_ids(list(reversed(ids)), 0.2, seed, shuffled) == (train, valid)
+
+
+def test_split_ids_with_uneven_groups():
+    ids = [f"a{i:02d}" for i in range(50)] + [f"b{i}" for i in range(10)]
+    groups = {i: "big" for i in ids if i.startswith("a")}  # the b's are not named: one group each
+    for seed in range(5):
+        train, valid = split_ids(ids, 0.1, seed, groups)
+        assert len(valid) == 6 and all(i.startswith("b") for i in valid)  # the big group overshoots
+    last = ids[40:]
+    two = {i: i[0] for i in last}  # two groups of ten, a target of two samples
+    train, valid = split_ids(last, 0.1, 0, two)
+    assert len(train) == len(valid) == 10 and len({two[i] for i in valid}) == 1  # each side gets a group
+    assert split_ids(last, 0.5, 0, {i: "one" for i in ids})[1] == []  # one group cannot be split
+
+
+def test_sample_groups_group_file_then_csv_parent_chain_then_own_id(tmp_path):
+    root = tmp_path / "data"
+    for name in ("a", "a_0_0", "b_0_0", "b_0_0_0_0", "c"):
+        make_sample(root, name, np.zeros((8, 8), np.uint8), [disk((8, 8), (4, 4), 2)])
+    (root / "a_0_0" / "group.txt").write_text("movie1\n")
+    csv = tmp_path / "meta.csv"
+    csv.write_text("image_id,parent_id\na_0_0,a\nb_0_0,b\nb_0_0_0_0,b_0_0\nb,movie2\nc,\n")
+    samples = list_samples(root)
+    assert sample_groups(samples, read_whitelist(csv), csv) == {
+        "a": "a", "a_0_0": "movie1", "b_0_0": "movie2", "b_0_0_0_0": "movie2", "c": "c"}
+    assert sample_groups(samples) == {"a": "a", "a_0_0": "movie1", "b_0_0": "b_0_0",
+                                      "b_0_0_0_0": "b_0_0_0_0", "c": "c"}
+    csv.write_text("image_id,parent_id\nb_0_0,b\nb,b_0_0\n")
+    with pytest.raises(InputError, match="meta.csv: the parent_id chain of b_0_0 loops"):
+        sample_groups(samples, read_whitelist(csv), csv)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_training_split_keeps_the_tiles_of_one_image_on_one_side(tmp_path, cfg, seed):
+    import crop
+    source = tmp_path / "src"
+    for i in range(4):
+        make_sample(source, f"img{i}", np.full((64, 64), 40 * i, np.uint8),
+                    [disk((64, 64), (y, x), 5) for y in (16, 48) for x in (16, 48)])
+    crop.crop_dataset(source, tmp_path / "data" / "train", 32, 32)
+    train, valid = training_split(cfg.replace("dataset", root=str(tmp_path / "data"), cv_ratio=0.25,
+                                              split_seed=seed))
+    parent = {s.id: s.id.split("_")[0] for s in train + valid}
+    assert len(train) == 12 and len(valid) == 4
+    assert len({parent[s.id] for s in valid}) == 1 and not {parent[s.id] for s in train} & {parent[s.id] for s in valid}
 
 
 def test_training_split_without_valid_folder(tmp_path, cfg):

@@ -4,7 +4,8 @@ import pytest
 
 import dataset.io as dio
 from config import InputError
-from dataset.io import compose_labels, list_samples, read_image, read_sample, read_sample_cached, sample_files
+from dataset.io import (compose_labels, list_samples, read_image, read_mask, read_sample, read_sample_cached,
+                        sample_files)
 from tests.conftest import SAMPLE, disk, make_sample, write_png
 
 
@@ -112,3 +113,81 @@ def test_cache_hits_and_invalidates(tmp_path, monkeypatch):
     write_png(folder / "masks" / "m001.png", disk((16, 16), (2, 2), 1).astype(np.uint8) * 255)
     third = read_sample_cached(sample_files(folder), True, cache)
     assert third[1].max() == 2 and len(list(cache.glob("*.npz"))) == 2
+
+
+@pytest.mark.parametrize("dtype, value", [(np.uint8, 1), (np.uint8, 255), (np.uint16, 1000), (np.uint16, 65535)])
+def test_a_mask_may_use_any_single_non_zero_value(tmp_path, dtype, value):
+    nucleus = disk((20, 30), (8, 8), 4)
+    path = write_png(tmp_path / "m.png", nucleus.astype(dtype) * value)
+    assert np.array_equal(read_mask(path, (20, 30)), nucleus)
+    colour = np.zeros((20, 30, 3), np.uint8)
+    colour[nucleus] = (0, 200, 90)
+    assert np.array_equal(read_mask(write_png(tmp_path / "c.png", colour), (20, 30)), nucleus)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_a_label_image_in_masks_is_an_error_naming_it(tmp_path, dtype):
+    shape = (20, 30)
+    folder = make_sample(tmp_path, "s", np.zeros(shape + (3,), np.uint8), [disk(shape, (4, 4), 2)])
+    labels = disk(shape, (8, 8), 4).astype(dtype) + disk(shape, (10, 22), 4).astype(dtype) * 2
+    bad = write_png(folder / "masks" / "labels.png", labels)
+    with pytest.raises(InputError, match=f"{bad}: mask holds 2 different non-zero values"):
+        read_sample(sample_files(folder))
+    colours = np.zeros(shape + (3,), np.uint8)
+    colours[disk(shape, (8, 8), 4)] = (255, 0, 0)
+    colours[disk(shape, (10, 22), 4)] = (0, 255, 0)  # the same maximum, another colour
+    write_png(bad, colours)
+    with pytest.raises(InputError, match=f"{bad}: mask holds 2 different non-zero values"):
+        read_sample(sample_files(folder))
+
+
+def rings(shape, centre, pairs):
+    """One ring mask per (outer, inner) radius pair, all around `centre`."""
+    return [disk(shape, centre, outer) & ~disk(shape, centre, inner) for outer, inner in pairs]
+
+
+@pytest.mark.parametrize("ring_first", [True, False])
+def test_filling_a_ring_never_takes_the_nucleus_inside_it(ring_first):
+    shape = (21, 21)
+    ring, = rings(shape, (10, 10), [(8, 5)])
+    inside = disk(shape, (10, 10), 3)
+    masks = [ring, inside] if ring_first else [inside, ring]
+    ring_id, inside_id = (1, 2) if ring_first else (2, 1)
+    labels = compose_labels(masks, shape, fill_holes=True)
+    assert np.array_equal(labels == inside_id, inside)
+    assert np.array_equal(labels == ring_id, disk(shape, (10, 10), 8) & ~inside)  # the gap joins the ring
+    assert np.array_equal(compose_labels(masks, shape, fill_holes=False) == ring_id, ring)
+
+
+def test_a_hole_inside_two_rings_goes_to_the_inner_one():
+    shape = (25, 25)
+    outer, inner = rings(shape, (12, 12), [(11, 7), (5, 2)])
+    labels = compose_labels([outer, inner], shape, fill_holes=True)
+    assert np.array_equal(labels == 2, disk(shape, (12, 12), 5))
+    assert np.array_equal(labels == 1, disk(shape, (12, 12), 11) & ~disk(shape, (12, 12), 5))
+
+
+def test_stray_files_in_masks_are_refused_and_hidden_ones_ignored(tmp_path):
+    image = np.zeros((20, 30, 3), np.uint8)
+    folder = make_sample(tmp_path, "s", image, [disk((20, 30), (8, 8), 3)])
+    (folder / "masks" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    assert [p.name for p in sample_files(folder).mask_paths] == ["m000.png"]
+    stray = folder / "masks" / "m001.npy"
+    stray.write_bytes(b"a mask in another format")
+    with pytest.raises(InputError, match=f"{stray}: not a mask image"):
+        list_samples(tmp_path)
+    stray.unlink()
+    (folder / "masks" / "more").mkdir()
+    with pytest.raises(InputError, match="masks/more: not a mask image"):
+        list_samples(tmp_path)
+
+
+def test_group_file(tmp_path):
+    image = np.zeros((8, 8, 3), np.uint8)
+    folder = make_sample(tmp_path, "tile_0_0", image, [disk((8, 8), (4, 4), 2)])
+    assert sample_files(folder).group is None
+    (folder / "group.txt").write_text("movie 3\n")
+    assert sample_files(folder).group == "movie 3"
+    (folder / "group.txt").write_text("\n")
+    with pytest.raises(InputError, match="group.txt: a group file must hold one non-empty line"):
+        list_samples(tmp_path)

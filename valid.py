@@ -95,8 +95,8 @@ def reclaim_checkpoints(args, argv: list[str]):
     return args
 
 
-def refuse_overwrite(args, inputs: list[Path], data_folder: Path) -> None:
-    """No output may land on a checkpoint, a tuned file or the images read."""
+def refuse_overwrite(args, inputs: list[Path], samples) -> None:
+    """No output may land on a checkpoint, a tuned file or the folders of the images read."""
     protected = {p.resolve() for p in inputs} | {tuned_path(p).resolve() for p in inputs}
     for option in ("csv", "scores"):
         value = getattr(args, option)
@@ -107,7 +107,7 @@ def refuse_overwrite(args, inputs: list[Path], data_folder: Path) -> None:
             raise InputError(f"{path}: --{option} would write over a checkpoint; give another path")
         if path.is_dir():
             raise InputError(f"{path}: --{option} names a folder; give a file path")
-    data = data_folder.resolve()
+    read = {s.folder.resolve().parent for s in samples}
     for option in ("save", "masks", "labels"):
         value = getattr(args, option)
         if value is None:
@@ -115,8 +115,8 @@ def refuse_overwrite(args, inputs: list[Path], data_folder: Path) -> None:
         folder = Path(value).resolve()
         if folder in protected or (folder.is_file()):
             raise InputError(f"{value}: --{option} needs a folder, and this is a file")
-        if folder == data or data in folder.parents:
-            raise InputError(f"{value}: --{option} would write into the images being read ({data_folder})")
+        if any(folder == data or data in folder.parents for data in read):
+            raise InputError(f"{value}: --{option} would write into the images being read")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -229,8 +229,8 @@ def main(argv=None):
     heads = set().union(*(m.model.heads for m in members))
     post, origin = resolve_post(cfg, paths[0], args.tuned and not args.tune)
     print("[post] " + ", ".join(f"{k} = {getattr(post, k)} ({origin[k]})" for k in origin))
-    refuse_overwrite(args, paths, Path(cfg.dataset.root) / args.dataset)
     samples = dataset_samples(cfg, args.dataset)
+    refuse_overwrite(args, paths, samples)
     print(f"{len(members)} checkpoint(s) ({', '.join(p.name for p in paths)}) on {len(samples)} "
           f"{args.dataset} images, {device}, TTA {'on' if cfg.valid.test_time_augment else 'off'}, policy {post.policy}")
 

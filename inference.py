@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from config import InputError, PreConfig, ValidConfig
 from dataset.augment import prepare_image, to_tensor_image
+from dataset.tiles import tile_origins
 
 View = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 
@@ -97,14 +98,6 @@ def _predict_padded(model, image: torch.Tensor, views: list[View], pad_mode: str
     out = _probabilities(model, batch)
     return {k: torch.stack([inv(v[i:i + 1]) for i, (_, inv) in enumerate(views)]).mean(0)[0, 0, :h, :w]
             for k, v in out.items()}
-
-
-def tile_origins(size: int, tile: int, step: int) -> list[int]:
-    """Tile starts covering [0, size): every `step`, the last one aligned to the end."""
-    if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile, step))
-    return starts + [size - tile]
 
 
 def tile_layout(size: int, tile_size: int, overlap: int, stride: int) -> tuple[int, list[int]]:

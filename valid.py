@@ -17,17 +17,14 @@ on (an explicit [post] setting still wins) unless --no-tuned is given.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from atomic import atomic_path
+from atomic import atomic_dir, atomic_path
 from config import Config, InputError, load_and_report, run_main, under_saved
 from dataset import training_split
 from dataset.io import list_samples, read_sample_cached
@@ -198,17 +195,12 @@ def save_figure(fig, path: Path) -> None:
 def write_masks(folder: Path, sample_id: str, image: np.ndarray, labels: np.ndarray) -> None:
     """One DSB-layout sample folder: images/<id>.png and masks/<n>.png, renamed into place whole."""
     import cv2
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{sample_id}."))
-    (tmp / "images").mkdir()
-    (tmp / "masks").mkdir()
-    cv2.imwrite(str(tmp / "images" / f"{sample_id}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    for n in range(1, int(labels.max()) + 1):
-        cv2.imwrite(str(tmp / "masks" / f"{n:04d}.png"), (labels == n).astype(np.uint8) * 255)
-    target = folder / sample_id
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with atomic_dir(folder / sample_id, replace=True) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "masks").mkdir()
+        cv2.imwrite(str(tmp / "images" / f"{sample_id}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        for n in range(1, int(labels.max()) + 1):
+            cv2.imwrite(str(tmp / "masks" / f"{n:04d}.png"), (labels == n).astype(np.uint8) * 255)
 
 
 def write_label_tiff(folder: Path, sample_id: str, labels: np.ndarray) -> None:

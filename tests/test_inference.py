@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from inference import predict_image, taper, tile_origins, tta_views
+from dataset.tiles import tile_origins
+from inference import predict_image, taper, tta_views
 from model import build_model
 
 

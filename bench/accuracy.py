@@ -6,12 +6,15 @@
     python3 bench/accuracy.py --from-run cpu_recipe --config configs/ablation/no_tta.ini --name no_tta
     python3 bench/accuracy.py --config configs/cpu_recipe_v3.ini --config configs/ablation/caunet.ini
 
-On a DSB2018-layout folder (default ../shared/data/dsb2018/stage1_train) it makes a fixed seeded
-validation split (10 % of the images, seed 0, the same for every row), trains the config from
-scratch for --budget minutes, tunes the [post] thresholds on --tune-images training images only,
-scores the validation split with the DSB2018 metric, and appends one row to --results
-(default docs/results.csv): config, budget, machine, epochs reached, mean DSB score, the score
-per image type, F1 at IoU 0.5 and inference seconds per image.
+On a DSB2018-layout folder (default ../shared/data/dsb2018/stage1_train) it makes a seeded
+validation split (10 % of the images; --split-seed, 0 by default, so every row of one seed sees the
+same split), holds --tune-images further images out of training as a tune split, trains the config
+from scratch for --budget minutes on the rest, tunes the [post] thresholds on the tune split (images
+the network never saw, so the thresholds are not flattered by training images), scores the
+validation split with the DSB2018 metric, and appends one row to --results (default
+docs/results.csv): config, split seed, budget, machine, epochs reached, mean DSB score, the score
+per image type, F1 at IoU 0.5, inference seconds per image, and the tuning grid and its choice.
+Rows made before the tune split existed (tune_protocol empty) tuned on training images.
 
 Image types, by a simple rule on the image itself: 'fluorescence' if the three channels are
 equal and the median is below 100 (bright nuclei on a dark background); 'brightfield' if the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import json
 import os
 import platform
 import shutil
@@ -102,7 +106,9 @@ def main(argv=None):
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="DSB2018-layout folder")
     parser.add_argument("--results", default="docs/results.csv")
     parser.add_argument("--work", default="out/bench", help="folder for splits, checkpoints and logs")
-    parser.add_argument("--tune-images", type=int, default=40, help="training images used to tune [post]")
+    parser.add_argument("--tune-images", type=int, default=40,
+                        help="images held out of training to tune [post] on")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the validation and tune splits")
     parser.add_argument("--classical", action="store_true", help="score the Otsu + watershed floor instead")
     parser.add_argument("--name", help="row label (default: the config file name)")
     parser.add_argument("--valid-args", default="", help="extra valid.py arguments for tuning and scoring, "
@@ -113,7 +119,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     samples = [s for s in list_samples(args.data) if s.mask_paths is not None]
-    train_ids, valid_ids = split_ids([s.id for s in samples], 0.1, seed=0)
+    train_ids, valid_ids = split_ids([s.id for s in samples], 0.1, seed=args.split_seed)
+    rng = np.random.default_rng(args.split_seed)
+    tune_ids = sorted(rng.choice(train_ids, min(args.tune_images, len(train_ids) - 1), replace=False))
+    train_ids = sorted(set(train_ids) - set(tune_ids))
     name = args.name or ("classical" if args.classical
                          else "+".join(Path(c).stem for c in args.config) or "defaults")
     work = Path(args.work) / name
@@ -123,9 +132,7 @@ def main(argv=None):
         shutil.rmtree(work)
     link_split(samples, train_ids, work / "data" / "train")
     link_split(samples, valid_ids, work / "data" / "valid")
-    rng = np.random.default_rng(0)
-    link_split(samples, sorted(rng.choice(train_ids, min(args.tune_images, len(train_ids)), replace=False)),
-               work / "data" / "tune")
+    link_split(samples, tune_ids, work / "data" / "tune")
     if args.from_run:
         source = Path(args.work) / args.from_run[0]
         settings = merged_settings([source / "settings.ini", *args.config], work)
@@ -138,6 +145,7 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     epochs = 0
     start = time.perf_counter()
+    tuned, grid = {}, {}
     if args.classical:
         scores = {}
         for s in samples:
@@ -163,20 +171,28 @@ def main(argv=None):
             epochs = read_checkpoint(ckpts[0])["epoch"]
         else:
             # [train] n_epoch of the config, stopped early if the budget runs out
-            epochs = train.main(["--no-resume", "--budget", str(args.budget), "--config", str(settings), "--quiet"])
-            ckpts = [str(work / "checkpoint" / f"ckpt-{epochs}.pkl")]
+            train.main(["--no-resume", "--budget", str(args.budget), "--config", str(settings), "--quiet"])
+            from model.checkpoint import latest_checkpoint, read_checkpoint
+            ckpts = [str(latest_checkpoint(work / "checkpoint"))]
+            epochs = read_checkpoint(ckpts[0])["epoch"]
         valid.main([*ckpts, "--dataset", "tune", "--tune", "--config", str(settings), *args.valid_args.split()])
         start = time.perf_counter()
         valid.main([*ckpts, "--dataset", "valid", "--scores", str(work / "scores.csv"), "--config", str(settings),
                     *args.valid_args.split()])
         seconds = (time.perf_counter() - start) / len(valid_ids)
         per_image = pd.read_csv(work / "scores.csv")
+        from tuning import tuned_path
+        record = json.loads(tuned_path(ckpts[0]).read_text())
+        tuned = {k: record[k] for k in record["grid"]}
+        grid = record["grid"]
     per_image["type"] = per_image["image_id"].map(types)
     config = " + ".join([f"run {run}" for run in args.from_run] + args.config) or "-"
     row = {"name": name, "config": config, "budget_min": 0 if args.classical else args.budget,
            "machine": f"{os.cpu_count()} cores, {device}, {platform.machine()}", "epochs": epochs,
            "dsb": per_image["dsb"].mean(), "f1_at_0.5": per_image["f1"].mean(),
-           "seconds_per_image": seconds, "n_valid": len(per_image)}
+           "seconds_per_image": seconds, "n_valid": len(per_image), "split_seed": args.split_seed,
+           "tune_protocol": f"{len(tune_ids)} held-out images", "tuned": json.dumps(tuned, sort_keys=True),
+           "tune_grid": json.dumps(grid, sort_keys=True)}
     for kind in TYPES:
         part = per_image[per_image["type"] == kind]
         row[f"dsb_{kind}"] = part["dsb"].mean() if len(part) else float("nan")

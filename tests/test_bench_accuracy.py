@@ -1,4 +1,5 @@
 """bench/accuracy.py end to end on the bundled sample: a budgeted run, then an ensemble row."""
+import json
 import sys
 
 import pandas as pd
@@ -41,6 +42,12 @@ def run(*args):
 def test_rows_for_a_run_and_an_ensemble_of_two(bench):
     first = run("--config", "unet.ini", "--budget", "5")
     assert first["epochs"] == 2 and first["n_valid"] == 1  # 10 % of 8 images, at least one
+    # [post] is tuned on images held out of training, and the row says on what grid
+    data = bench / "work" / "unet" / "data"
+    train_ids, tune_ids = ({p.name for p in (data / part).iterdir()} for part in ("train", "tune"))
+    assert len(tune_ids) == 2 and not train_ids & tune_ids and len(train_ids) == 5
+    assert json.loads(first["tune_grid"])["threshold"] == [0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert set(json.loads(first["tuned"])) == {"threshold", "policy"}
     run("--config", "camunet.ini", "--budget", "5")
     source_files = sorted(p.name for p in (bench / "work" / "unet" / "checkpoint").iterdir())
     ensemble = run("--from-run", "unet", "--from-run", "camunet", "--name", "both")

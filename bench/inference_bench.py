@@ -6,6 +6,9 @@ Prints markdown tables for docs/inference.md:
 - seconds per image (network + post-processing) at 256x256, 520x696 and 1024x1024, with TTA off
   (one view) and on (four flip views), for a randomly initialised model of the chosen kind
   (speed does not depend on the weights);
+- the cost of tiles on an image just above `[valid] tile_size` (1030x1349 with tile_size 1024 and
+  four flip views): whole, the even tiles `inference.tile_layout` lays out, and the fixed-step
+  layout used before (four 1024x1024 tiles), side by side with their ratios to the whole image;
 - the rise of resident memory while a fresh process predicts one 4096x4096 image in 1024-pixel
   tiles, against one that predicts a 1024x1024 image whole, so the two show that tiles bound memory.
 Post-processing policies are compared by bench/postprocess_bench.py.
@@ -23,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import load_config  # noqa: E402
-from inference import predict_image  # noqa: E402
+from dataset.tiles import tile_origins  # noqa: E402
+from inference import _predict_padded, predict_image, tile_layout, tta_views  # noqa: E402
 from model import build_model  # noqa: E402
 from postprocess import postprocess  # noqa: E402
 
@@ -41,6 +45,36 @@ def seconds_per_image(models, cfg, side: tuple[int, int], tta: bool, repeat: int
         net.append(middle - start)
         post.append(time.perf_counter() - middle)
     return min(net), min(post)
+
+
+def tile_costs(models, cfg, side: tuple[int, int], tile: int, overlap: int, repeat: int) -> dict[str, tuple]:
+    """{layout: (seconds, pixels computed / image pixels)} for whole, even tiles and fixed-step
+    tiles, four flip views each, best of `repeat`; all three run in this process, one after the other."""
+    h, w = side
+    image = torch.rand(3, h, w)
+    model = models[0]
+    views = tta_views(True, False)
+
+    def fixed_step():  # the layout before: full-size tiles every tile - overlap, the last one flush
+        for y in tile_origins(h, tile, tile - overlap):
+            for x in tile_origins(w, tile, tile - overlap):
+                _predict_padded(model, image[None, :, y:y + tile, x:x + tile], views, "reflect")
+    even = cfg.replace("valid", tile_size=tile, tile_overlap=overlap, test_time_augment=True).valid
+    whole = cfg.replace("valid", tile_size=0, test_time_augment=True).valid
+    (th, ys), (tw, xs) = tile_layout(h, tile, overlap, model.stride), tile_layout(w, tile, overlap, model.stride)
+    n_fixed = len(tile_origins(h, tile, tile - overlap)) * len(tile_origins(w, tile, tile - overlap))
+    runs = {"whole": (lambda: predict_image(models, image, whole), 1.0),
+            "even tiles": (lambda: predict_image(models, image, even), th * tw * len(ys) * len(xs) / (h * w)),
+            "fixed-step tiles": (fixed_step, n_fixed * min(tile, h) * min(tile, w) / (h * w))}
+    out = {}
+    for name, (run, pixels) in runs.items():
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        out[name] = (min(times), pixels)
+    return out
 
 
 def child_peak(side: int, tile: int, model: str, encoder: str) -> dict:
@@ -88,6 +122,13 @@ def main(argv=None):
             net, post = seconds_per_image(models, cfg, side, tta, args.repeat)
             print(f"| {side[0]}x{side[1]} | {'4 flips' if tta else 'off'} | {net:.2f} | {post:.2f} | "
                   f"{net + post:.2f} |", flush=True)
+    side, tile, overlap = (1030, 1349), 1024, cfg.valid.tile_overlap
+    print(f"\n| {side[0]}x{side[1]}, tile_size {tile}, overlap {overlap}, 4 flips | seconds | ratio to whole | "
+          f"pixels computed / image pixels |")
+    print("| --- | ---: | ---: | ---: |")
+    costs = tile_costs(models, cfg, side, tile, overlap, args.repeat)
+    for name, (seconds, pixels) in costs.items():
+        print(f"| {name} | {seconds:.1f} | {seconds / costs['whole'][0]:.2f} | {pixels:.2f} |", flush=True)
     print("\n| prediction (TTA off, fresh process) | seconds | RSS with model MiB | peak rise MiB |")
     print("| --- | ---: | ---: | ---: |")
     for label, side, tile in (("1024x1024 whole", 1024, 0), ("2048x2048 whole", 2048, 0),

@@ -100,7 +100,15 @@ def _imread(path: Path) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
-    array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    array = None
+    if data.size:
+        # a damaged file makes OpenCV log lines of its own to stderr; the InputError below says it
+        level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        try:
+            array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        finally:
+            cv2.utils.logging.setLogLevel(level)
     if array is None:
         raise InputError(f"{path}: not a readable image")
     return array

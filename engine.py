@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -54,9 +55,16 @@ def autocast_forward(model, image: torch.Tensor, dtype: torch.dtype | None) -> d
 
 
 def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device, epoch: int,
-                    scaler: torch.amp.GradScaler | None, deadline: float | None = None,
-                    show_progress: bool = True) -> tuple[dict[str, float], bool]:
-    """Train over `loader` once. Returns (mean stats, stopped_by_deadline).
+                    scaler: torch.amp.GradScaler | None, stop: Callable[[], bool] | None = None,
+                    show_progress: bool = True, *, first_step: int = 0,
+                    before_step: Callable[[int], None] | None = None) -> tuple[dict[str, float], int]:
+    """Train over `loader` once. Returns (mean stats, number of the next batch of this epoch).
+
+    `first_step`: batches of this epoch trained before (a resumed epoch; the loader already
+    leaves them out), so the batches are numbered first_step, first_step + 1, ...; the epoch is
+    complete when the returned number is first_step + len(loader). `before_step(number)` runs
+    before each batch (train.py sets the learning rate there); `stop()` is asked after each batch
+    and True ends the epoch early, after applying any accumulated gradients.
 
     Stats: 'loss', 'loss_<head>', 'iou_<head>', 'time' (seconds per batch), 'io' (seconds per
     batch spent waiting for data). Gradients are accumulated over `grad_accum` batches and
@@ -69,10 +77,13 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device,
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not show_progress, dynamic_ncols=True)
     tick = time.perf_counter()
-    stopped = False
+    last = first_step + len(loader) - 1
+    step = first_step - 1
     pending = 0
-    for step, batch in enumerate(bar):
+    for step, batch in enumerate(bar, start=first_step):
         waited = time.perf_counter() - tick
+        if before_step is not None:
+            before_step(step)
         batch = to_device(batch, device)
         image = batch["image"]
         if device.type == "cuda":
@@ -85,7 +96,7 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device,
         scaled = loss / train_cfg.grad_accum
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         pending += 1
-        if pending == train_cfg.grad_accum or step == len(loader) - 1:
+        if pending == train_cfg.grad_accum or step == last:
             _step(model, optimizer, scaler, train_cfg.grad_clip)
             pending = 0
         n = image.shape[0]
@@ -100,13 +111,12 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device,
         bar.set_postfix_str(f"loss {means['loss']:.4f} " + " ".join(
             f"iou({h}) {means[f'iou_{h}']:.3f}" for h in outputs) + f" {elapsed:.2f}s/b (io {waited:.2f}s)")
         tick = time.perf_counter()
-        if deadline is not None and time.time() >= deadline:
+        if step < last and stop is not None and stop():
             if pending:
                 _step(model, optimizer, scaler, train_cfg.grad_clip)
-            stopped = True
             break
     bar.close()
-    return stats.means(), stopped
+    return stats.means(), step + 1
 
 
 def _step(model, optimizer, scaler, grad_clip: float) -> None:

@@ -1,9 +1,15 @@
 """Train a UNet, CAUNet or CAMUNet on DSB2018-layout data.
 
-    python3 train.py --epoch 200            # 200 more epochs, resuming from checkpoint/current.json
+    python3 train.py --epoch 200            # a run of 200 epochs (continues an interrupted run)
     python3 train.py --no-resume --lr 3e-4  # start afresh
     python3 train.py --budget 20            # stop cleanly, with a checkpoint, after 20 minutes
     %run train.py --epoch 10                # the same inside a Jupyter notebook
+
+A run is one learning-rate schedule over a planned number of epochs. When the latest checkpoint
+belongs to an interrupted run (killed, or stopped by --budget), train.py continues that run to its
+planned end, exactly where it stopped: the same shuffle order, the rest of a cut epoch, the same
+rates. When it belongs to a finished run, train.py starts a new run of --epoch (or [train]
+n_epoch) epochs on a fresh schedule from [train] learn_rate (or --lr), keeping the weights.
 
 Settings come from config_default.ini, ./config.ini and --config PATH. Checkpoints go to
 [train] checkpoint_dir (ckpt-<epoch>.pkl every n_ckpt_epoch epochs, best.pkl by validation
@@ -12,24 +18,31 @@ score, current.json naming the latest); TensorBoard logs to [train] log_dir.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from config import Config, InputError, load_and_report, run_main
 from dataset import NucleiDataset, make_sampler, training_split
 from engine import amp_dtype, evaluate, train_one_epoch
 from model import build_model, count_parameters
 from model.checkpoint import (latest_checkpoint, load_weights, model_config_of, read_checkpoint,
-                              save_checkpoint, unwrap)
+                              restore_rng_states, save_checkpoint, unwrap)
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epoch", type=int, help="epochs to train in this run (default [train] n_epoch)")
-    parser.add_argument("--lr", type=float, help="learning rate; wins over a resumed one")
+    parser.add_argument("--epoch", type=int,
+                        help="length of the run in epochs (default [train] n_epoch): of a new run, or the new "
+                             "planned length of an interrupted one, counted from its start")
+    parser.add_argument("--lr", type=float, help="peak learning rate of the run; wins over [train] learn_rate "
+                                                 "and over the rate of an interrupted run")
     parser.add_argument("--resume", dest="resume", action="store_true", default=True,
                         help="continue from the latest checkpoint (default)")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start from scratch")
@@ -40,38 +53,129 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def make_scheduler(optimizer, cfg: Config, n_epoch: int):
-    """The `[train] lr_schedule`; a cosine schedule spans the `n_epoch` epochs of this run."""
-    t = cfg.train
-    if t.lr_schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
-    if t.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, n_epoch))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+def lr_factor(schedule: str, fraction: float, span_epochs: float, lr_step: int, lr_gamma: float) -> float:
+    """The learning rate, as a share of the peak rate, at `fraction` (0 to 1) of a schedule that
+    spans `span_epochs` epochs: cosine anneals from 1 to 0, step multiplies by lr_gamma every
+    lr_step epochs, constant stays at 1."""
+    fraction = min(1.0, max(0.0, fraction))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * fraction))
+    if schedule == "step":
+        # the small margin keeps 99.99999... epochs from counting as fewer than 100
+        return lr_gamma ** math.floor(fraction * span_epochs / lr_step + 1e-9)
+    return 1.0
 
 
-def make_loaders(cfg: Config, device: torch.device):
-    train_samples, valid_samples = training_split(cfg)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    train_data = NucleiDataset(train_samples, cfg, augment=True)
-    sampler = make_sampler(train_samples, cfg, generator)
-    train_loader = DataLoader(train_data, batch_size=cfg.train.n_batch, shuffle=sampler is None,
-                              sampler=sampler, num_workers=cfg.train.n_worker, generator=generator,
+@dataclass
+class Plan:
+    """One run: a learning-rate schedule from position `start` to the end of epoch `end`.
+
+    Positions count epochs as numbers: batch k (from 0) of epoch e (from 1) starts at
+    e - 1 + k / batches. The rate is a pure function of the position, so a resumed run gets the
+    same rates as an uninterrupted one. Stored in every checkpoint as 'run' (with the fields
+    'step' and 'finished' added).
+    """
+    schedule: str
+    lr: float
+    lr_step: int
+    lr_gamma: float
+    start: float
+    end: int
+    seed: int
+    batches: int
+
+    @property
+    def first(self) -> int:
+        """The last complete epoch before the run began; the run's length counts from it."""
+        return math.floor(self.start + 1e-9)
+
+    def rate(self, position: float) -> float:
+        span = self.end - self.start
+        fraction = 1.0 if span <= 0 else (position - self.start) / span
+        return self.lr * lr_factor(self.schedule, fraction, span, self.lr_step, self.lr_gamma)
+
+    def describe(self) -> str:
+        return f"{self.schedule} schedule from lr {self.lr:g}"
+
+    @classmethod
+    def from_record(cls, record: dict, path) -> "Plan":
+        try:
+            return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
+        except (KeyError, TypeError):
+            raise InputError(f"{path}: the checkpoint's run record is not understood; use --no-resume") from None
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A 63-bit seed that depends only on (seed, epoch, stream)."""
+    words = np.random.SeedSequence([seed % 2**63, epoch, stream]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+class EpochOrder(Sampler):
+    """The order in which one epoch visits the training samples: a random permutation, or the
+    weighted draws of `weighted` (a WeightedRandomSampler reading `generator`), seeded from
+    (seed, epoch) alone, so a resumed run repeats it. `set_epoch(epoch, skip)` leaves out the first
+    `skip` samples (the batches a resumed epoch trained before it was cut)."""
+
+    def __init__(self, n: int, seed: int, weighted=None, generator: torch.Generator | None = None):
+        self.n = n
+        self.seed = seed
+        self.weighted = weighted
+        self.generator = generator if generator is not None else torch.Generator()
+        self.loader_generator = torch.Generator()
+        self.epoch = 1
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+        # the DataLoader draws its workers' base seed from this one when an epoch starts
+        self.loader_generator.manual_seed(epoch_seed(self.seed, epoch, 1))
+
+    def order(self) -> list[int]:
+        self.generator.manual_seed(epoch_seed(self.seed, self.epoch))
+        if self.weighted is not None:
+            return list(self.weighted)
+        return torch.randperm(self.n, generator=self.generator).tolist()
+
+    def __iter__(self):
+        return iter(self.order()[self.skip:])
+
+    def __len__(self) -> int:
+        return max(0, (len(self.weighted) if self.weighted is not None else self.n) - self.skip)
+
+
+def make_loaders(cfg: Config, device: torch.device, train_samples, valid_samples, seed: int):
+    train_data = NucleiDataset(train_samples, cfg, augment=True, seed=seed)
+    generator = torch.Generator()
+    order = EpochOrder(len(train_samples), seed, make_sampler(train_samples, cfg, generator), generator)
+    train_loader = DataLoader(train_data, batch_size=cfg.train.n_batch, sampler=order,
+                              num_workers=cfg.train.n_worker, generator=order.loader_generator,
                               pin_memory=device.type == "cuda")
     valid_loader = None
     if valid_samples:
         valid_loader = DataLoader(NucleiDataset(valid_samples, cfg, augment=False), batch_size=1,
                                   num_workers=min(cfg.train.n_worker, 1))
-    return train_data, train_loader, valid_loader, len(train_samples), len(valid_samples)
+    return train_data, order, train_loader, valid_loader
 
 
-def resume_state(cfg: Config, args, model, optimizer, scheduler) -> tuple[int, float]:
-    """Load the latest checkpoint into the model/optimizer/scheduler; returns (epoch, best score)."""
+def new_plan(cfg: Config, args, start: float, n_epoch: int, batches: int) -> Plan:
+    t = cfg.train
+    return Plan(schedule=t.lr_schedule, lr=t.learn_rate if args.lr is None else args.lr, lr_step=t.lr_step,
+                lr_gamma=t.lr_gamma, start=start, end=math.floor(start + 1e-9) + n_epoch, seed=t.seed,
+                batches=batches)
+
+
+def resume_state(cfg: Config, args, model, optimizer, scaler, batches: int):
+    """Decide what this invocation trains. Returns (plan, epoch, step, best score): training goes
+    on from batch `step` of epoch `epoch` when step > 0, else from epoch `epoch` + 1."""
+    n_epoch = cfg.train.n_epoch if args.epoch is None else args.epoch
     folder = Path(cfg.train.checkpoint_dir)
     path = latest_checkpoint(folder) if args.resume else None
     if path is None:
-        print("Starting a new training run" + (f" (no checkpoint in {folder})" if args.resume else ""))
-        return 0, float("-inf")
+        plan = new_plan(cfg, args, 0.0, n_epoch, batches)
+        print(f"Starting a new training run of {n_epoch} epochs, {plan.describe()}"
+              + (f" (no checkpoint in {folder})" if args.resume else ""))
+        return plan, 0, 0, float("-inf")
     state = read_checkpoint(path)
     saved = model_config_of(state, path)
     ours = cfg.model
@@ -82,11 +186,42 @@ def resume_state(cfg: Config, args, model, optimizer, scheduler) -> tuple[int, f
     load_weights(model, state, path)
     if state.get("optimizer"):
         optimizer.load_state_dict(state["optimizer"])
-    if state.get("scheduler"):
-        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    restore_rng_states(state.get("rng"))
     best = state.get("scores", {}).get("best", float("-inf"))
-    print(f"Resuming from {path} (epoch {state['epoch']})")
-    return int(state["epoch"]), best
+    epoch = int(state["epoch"])
+    record = state.get("run")
+    step = int(record.get("step", 0)) if record else 0
+    if step >= batches:  # the training set shrank since: the cut epoch has nothing left
+        step = 0
+    position = epoch - 1 + step / batches if step else float(epoch)
+    where = f"in epoch {epoch} (after {step} of {batches} batches)" if step else f"at epoch {epoch}"
+    if record and not record.get("finished", False):
+        plan = Plan.from_record(record, path)
+        plan.batches = batches
+        done = (epoch - 1 if step else epoch) - plan.first
+        changes = []
+        if args.epoch is not None and plan.first + args.epoch != plan.end:
+            if args.epoch <= done:
+                raise InputError(f"--epoch {args.epoch}: the interrupted run in {path} has trained {done} of "
+                                 f"its {plan.end - plan.first} epochs; give more than {done}, leave --epoch out "
+                                 f"to finish it, or use --no-resume")
+            changes.append(f"planned length {plan.end - plan.first} -> {args.epoch} epochs")
+            plan.end = plan.first + args.epoch
+        if args.lr is not None and args.lr != plan.lr:
+            changes.append(f"peak lr {plan.lr:g} -> {args.lr:g}")
+            plan.lr = args.lr
+        at = f"the rest of epoch {epoch} (from batch {step + 1} of {batches})" if step else f"epoch {epoch + 1}"
+        print(f"Resuming the interrupted run in {path}: {at} of {plan.end}, {plan.describe()}"
+              + (f" ({'; '.join(changes)})" if changes else ""))
+        return plan, epoch, step, best
+    plan = new_plan(cfg, args, position, n_epoch, batches)
+    older = "" if record else " (a checkpoint without a run record counts as finished)"
+    first = f", the rest of epoch {epoch} first" if step and n_epoch else ""
+    print(f"Run finished {where} in {path}{older}; training {n_epoch} more epochs{first} on a fresh "
+          f"{plan.describe()}")
+    return plan, epoch, step, best
 
 
 def log_images(writer, sample: dict, epoch: int) -> None:
@@ -96,57 +231,71 @@ def log_images(writer, sample: dict, epoch: int) -> None:
             writer.add_image(f"valid/{key}", value.clamp(0, 1), epoch)
 
 
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_and_report(args.config)
-    n_epoch = cfg.train.n_epoch if args.epoch is None else args.epoch
-    if n_epoch < 0:
-        raise InputError(f"--epoch {n_epoch}: must be 0 or more")
+    if args.epoch is not None and args.epoch < 0:
+        raise InputError(f"--epoch {args.epoch}: must be 0 or more")
     deadline = time.time() + 60 * args.budget if args.budget else None
     torch.manual_seed(cfg.train.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    train_data, train_loader, valid_loader, n_train, n_valid = make_loaders(cfg, device)
+    train_samples, valid_samples = training_split(cfg)
+    batches = math.ceil(len(train_samples) / cfg.train.n_batch)
     model = build_model(cfg.model).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     print(f"{cfg.model.model} with a {cfg.model.encoder} encoder, "
           f"{'shared' if cfg.model.shared_decoder else 'separate'} decoders, "
-          f"{count_parameters(model) / 1e6:.2f} M parameters, on {device}; {n_train} training and "
-          f"{n_valid} validation images")
+          f"{count_parameters(model) / 1e6:.2f} M parameters, on {device}; {len(train_samples)} training and "
+          f"{len(valid_samples)} validation images")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.learn_rate, weight_decay=cfg.train.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg, n_epoch)
-    start, best = resume_state(cfg, args, model, optimizer, scheduler)
-    if args.lr is not None:
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr
-        scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
-    if device.type == "cuda" and torch.cuda.device_count() > 1:
-        model = torch.nn.DataParallel(model)
     # float16 gradients need loss scaling; bfloat16 has float32's range and does not
     scaler = torch.amp.GradScaler(device.type) if amp_dtype(cfg.train.amp, device) == torch.float16 else None
+    plan, epoch, step, best = resume_state(cfg, args, model, optimizer, scaler, batches)
+    train_data, order, train_loader, valid_loader = make_loaders(cfg, device, train_samples, valid_samples,
+                                                                 plan.seed)
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        model = torch.nn.DataParallel(model)
 
     from tensorboardX import SummaryWriter
     writer = SummaryWriter(cfg.train.log_dir)
     ckpt_dir = Path(cfg.train.checkpoint_dir)
-    epoch = start
+    first_epoch = epoch if step else epoch + 1
     try:
-        for epoch in range(start + 1, start + n_epoch + 1):
+        for epoch in range(first_epoch, plan.end + 1):
             unwrap(model).freeze_encoder(epoch <= cfg.model.freeze_encoder_epochs)
+            first_step = step if epoch == first_epoch else 0
             train_data.set_epoch(epoch)
-            stats, stopped = train_one_epoch(model, train_loader, optimizer, cfg, device, epoch, scaler,
-                                             deadline, show_progress=not args.quiet)
-            scheduler.step()
-            lr = optimizer.param_groups[0]["lr"]
-            writer.add_scalar("lr", lr, epoch)
+            order.set_epoch(epoch, first_step * cfg.train.n_batch)
+
+            def before_step(k, epoch=epoch):
+                set_lr(optimizer, plan.rate(epoch - 1 + k / batches))
+            stats, step = train_one_epoch(model, train_loader, optimizer, cfg, device, epoch, scaler,
+                                          lambda: deadline is not None and time.time() >= deadline,
+                                          show_progress=not args.quiet, first_step=first_step,
+                                          before_step=before_step)
+            cut = step < batches
+            step = step if cut else 0
+            stopped = cut or (deadline is not None and time.time() >= deadline)
+            set_lr(optimizer, plan.rate(epoch - 1 + step / batches if cut else epoch))
+            writer.add_scalar("lr", optimizer.param_groups[0]["lr"], epoch)
             for key, value in stats.items():
                 writer.add_scalar(f"train/{key}", value, epoch)
             heads = unwrap(model).heads
             line = (f"Epoch: [{epoch}] Time: {stats['time']:.3f} (io: {stats['io']:.3f}) "
                     f"Loss: {stats['loss']:.4f} " + " ".join(f"IoU({h}): {stats[f'iou_{h}']:.3f}" for h in heads))
+            if cut:
+                line += f" (cut after {step} of {batches} batches)"
             scores = {"train_loss": stats["loss"], "best": best}
+            run = {**dataclasses.asdict(plan), "step": step, "finished": epoch == plan.end and not cut}
             validate = valid_loader is not None and cfg.train.n_cv_epoch and (
-                epoch % cfg.train.n_cv_epoch == 0 or stopped or epoch == start + n_epoch)
+                epoch % cfg.train.n_cv_epoch == 0 or stopped or epoch == plan.end)
             if validate:
                 valid_stats, sample = evaluate(model, valid_loader, cfg, device)
                 for key, value in valid_stats.items():
@@ -158,13 +307,16 @@ def main(argv=None):
                 line += f" | valid DSB score: {score:.3f} IoU(semantic): {valid_stats['iou_semantic']:.3f}"
                 if score > best:
                     best = scores["best"] = score
-                    save_checkpoint(ckpt_dir / "best.pkl", model, cfg, optimizer, scheduler, epoch, scores,
-                                    update_pointer=False)
+                    save_checkpoint(ckpt_dir / "best.pkl", model, cfg, optimizer, None, epoch, scores,
+                                    update_pointer=False, scaler=scaler, run=run)
             print(line, flush=True)
-            if epoch % cfg.train.n_ckpt_epoch == 0 or stopped or epoch == start + n_epoch:
-                save_checkpoint(ckpt_dir / f"ckpt-{epoch}.pkl", model, cfg, optimizer, scheduler, epoch, scores)
+            if epoch % cfg.train.n_ckpt_epoch == 0 or stopped or epoch == plan.end:
+                save_checkpoint(ckpt_dir / f"ckpt-{epoch}.pkl", model, cfg, optimizer, None, epoch, scores,
+                                scaler=scaler, run=run)
             if stopped:
-                print(f"Wall-clock budget of {args.budget} min spent; stopped after epoch {epoch}")
+                at = f"in epoch {epoch}, after {step} of {batches} batches" if cut else f"after epoch {epoch}"
+                print(f"Wall-clock budget of {args.budget:g} min spent; stopped {at} of {plan.end}; "
+                      f"train.py without --no-resume continues the run there")
                 break
     finally:
         writer.close()

@@ -1,7 +1,10 @@
 """Checkpoints: written atomically, self-describing, and loadable only into the model they describe.
 
 A checkpoint file holds {'format', 'model_config', 'config', 'state_dict', 'optimizer',
-'scheduler', 'epoch', 'scores'}. `current.json` in the same folder names the latest one.
+'scheduler', 'epoch', 'scores'} and, since training runs resume exactly, 'scaler' (the float16
+GradScaler's state or None), 'rng' (the random generator states at the time of saving) and 'run'
+(where the run stands in its learning-rate schedule, written by train.py). Checkpoints without
+the last three still load for prediction. `current.json` in the same folder names the latest one.
 """
 from __future__ import annotations
 
@@ -32,9 +35,30 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def rng_states() -> dict:
+    """The states of the random generators a training run draws from outside its seeded streams."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng_states(states: dict | None) -> None:
+    """Put back what `rng_states` saved (a CUDA state only where this machine has the same GPUs)."""
+    if not states:
+        return
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg, optimizer=None, scheduler=None,
-                    epoch: int = 0, scores: dict | None = None, update_pointer: bool = True) -> Path:
-    """Write a checkpoint to `path` (temporary name, then rename) and point current.json at it."""
+                    epoch: int = 0, scores: dict | None = None, update_pointer: bool = True, *,
+                    scaler=None, run: dict | None = None) -> Path:
+    """Write a checkpoint to `path` (temporary name, then rename) and point current.json at it.
+
+    `scheduler` may be a torch scheduler (its state_dict is stored) or None; `scaler` a GradScaler;
+    `run` the training run's progress record (see train.py), stored as given.
+    """
     path = Path(path)
     bare = unwrap(model)
     state = {
@@ -46,6 +70,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg, optimizer=No
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "epoch": int(epoch),
         "scores": dict(scores or {}),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_states(),
+        "run": dict(run) if run is not None else None,
     }
     _atomic_write(path, lambda fh: torch.save(state, fh))
     if update_pointer:

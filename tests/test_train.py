@@ -86,7 +86,7 @@ def test_two_epochs_then_resume(workdir, capsys):
     state = read_checkpoint(latest_checkpoint(ckpt))
     assert state["epoch"] == 3
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0005)
-    assert "Resuming from" in capsys.readouterr().out
+    assert "Run finished at epoch 2" in capsys.readouterr().out
 
 
 def test_checkpoint_rebuilds_its_own_model(workdir):

@@ -1,0 +1,219 @@
+"""Resuming a training run: an interrupted run continues exactly, a finished one starts a fresh schedule."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine
+import train
+from config import InputError
+from model.checkpoint import latest_checkpoint, read_checkpoint
+from tests.conftest import REPO
+from tests.test_train import SETTINGS, workdir  # noqa: F401  (workdir is a fixture)
+
+
+def settings(folder: Path, **train_keys) -> str:
+    """test_train's tiny settings with a one-head model, a cosine schedule, validation every
+    second epoch and any other [train] keys given.
+
+    The weight map has no centre term: it comes from OpenCV's precise distance transform, whose
+    results differ in the last bit from one call to the next (the same mask, the same process), so
+    with it no two runs, interrupted or not, end with identical weights."""
+    keys = {"lr_schedule": "cosine", "n_cv_epoch": 2, **train_keys}
+    text = SETTINGS.format(model="unet").replace("n_cv_epoch = 1\n", "") + "[target]\nweight_centre = 0.0\n"
+    text = text.replace("[train]\n", "[train]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+    (folder / "settings.ini").write_text(text)
+    return str(folder / "settings.ini")
+
+# Runs train.py with its command line, but stops before the PAUSE_AT-th optimizer step: it writes
+# the file PAUSED and sleeps there until the test kills it.
+PAUSING = """
+import os, runpy, sys, time, torch
+limit, count, real = int(os.environ["PAUSE_AT"]), [0], torch.optim.Adam.step
+def step(self, *args, **kwargs):
+    count[0] += 1
+    if count[0] == limit:
+        open("PAUSED", "w").close()
+        time.sleep(600)
+    return real(self, *args, **kwargs)
+torch.optim.Adam.step = step
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_train(folder: Path, *args: str, pause_at: int | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PAUSE_AT": str(pause_at or 0)}
+    command = [sys.executable, "-c", PAUSING] if pause_at else [sys.executable]
+    return subprocess.Popen([*command, str(REPO / "train.py"), *args], cwd=folder, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out
+    return out
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path)["state_dict"]
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL in the middle of epoch 3 of 4; train.py then continues from the epoch-2 checkpoint
+    and ends with exactly the weights of a run that was never interrupted."""
+    folders = []
+    for name in ("whole", "killed"):
+        folder = tmp_path / name
+        (folder / "data").mkdir(parents=True)
+        (folder / "data" / "train").symlink_to(REPO / "sample" / "stage1_train")
+        settings(folder)
+        folders.append(folder)
+    whole, killed = folders
+    args = ["--config", "settings.ini", "--quiet"]
+    reference = run_train(whole, "--epoch", "4", *args)
+    finish(reference)
+
+    # six training images in batches of three: two optimizer steps per epoch; step 6 is epoch 3's second
+    process = run_train(killed, "--epoch", "4", *args, pause_at=6)
+    deadline = time.monotonic() + 600
+    while not (killed / "PAUSED").exists():
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline, "the run never reached the step where it is killed"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert latest_checkpoint(killed / "ckpt").name == "ckpt-2.pkl"
+
+    out = finish(run_train(killed, *args))
+    assert "Resuming the interrupted run in ckpt/ckpt-2.pkl: epoch 3 of 4" in out
+    assert "Epoch: [3]" in out and "Epoch: [4]" in out and "Epoch: [5]" not in out
+    a, b = weights(whole / "ckpt" / "ckpt-4.pkl"), weights(killed / "ckpt" / "ckpt-4.pkl")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert read_checkpoint(killed / "ckpt" / "ckpt-4.pkl")["run"]["finished"] is True
+
+
+def record_lrs(monkeypatch) -> list[float]:
+    """The learning rate of every optimizer step taken from now on."""
+    seen = []
+    real = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    return seen
+
+
+def test_more_epochs_after_a_finished_cosine_run_start_a_fresh_schedule(workdir, monkeypatch, capsys):  # noqa: F811
+    """The bug of issue 9: the rate climbed back from zero; now it starts at learn_rate and anneals."""
+    config = settings(workdir)
+    train.main(["--epoch", "2", "--config", config, "--quiet"])
+    capsys.readouterr()
+    lrs = record_lrs(monkeypatch)
+    assert train.main(["--epoch", "2", "--config", config, "--quiet"]) == 4
+    assert len(lrs) == 4 and lrs[0] == pytest.approx(0.001)
+    assert all(later < earlier for earlier, later in zip(lrs, lrs[1:])), lrs
+    assert lrs[-1] < 0.2 * 0.001
+    assert "Run finished at epoch 2 in ckpt/ckpt-2.pkl; training 2 more epochs on a fresh cosine schedule " \
+           "from lr 0.001" in capsys.readouterr().out
+    state = read_checkpoint(latest_checkpoint("ckpt"))
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)  # annealed
+
+
+class FakeClock:
+    """time for train.py: every optimizer step takes ten seconds."""
+
+    def __init__(self, monkeypatch):
+        self.now = 1000.0
+        real = torch.optim.Adam.step
+
+        def step(optimizer, *args, **kwargs):
+            self.now += 10.0
+            return real(optimizer, *args, **kwargs)
+        monkeypatch.setattr(torch.optim.Adam, "step", step)
+        monkeypatch.setattr(train, "time", self)
+
+    def time(self):
+        return self.now
+
+    monotonic = perf_counter = time
+
+
+def record_batches(monkeypatch) -> list[list[int]]:
+    """The sample indices of every training batch from now on."""
+    seen = []
+    real = engine.to_device
+
+    def to_device(batch, device):
+        if "labels" in batch and torch.is_grad_enabled():
+            seen.append(batch["index"].tolist())
+        return real(batch, device)
+    monkeypatch.setattr(engine, "to_device", to_device)
+    return seen
+
+
+def test_an_epoch_cut_by_the_budget_is_finished_on_resume(workdir, monkeypatch, capsys):  # noqa: F811
+    config = settings(workdir)
+    args = ["--config", config, "--quiet"]
+    batches = record_batches(monkeypatch)
+    train.main(["--epoch", "3", *args])
+    whole = weights(workdir / "ckpt" / "ckpt-3.pkl")
+    order = list(batches)
+    assert len(order) == 6 and order[:2] != order[2:4]  # a new shuffle every epoch
+
+    with monkeypatch.context() as patch:
+        FakeClock(patch)
+        batches.clear()
+        # 30 s of budget: the third step (the first of epoch 2) spends it
+        assert train.main(["--epoch", "3", "--budget", "0.5", "--no-resume", *args]) == 2
+    assert batches == order[:3]
+    state = read_checkpoint(latest_checkpoint(workdir / "ckpt"))
+    assert state["epoch"] == 2 and state["run"]["step"] == 1 and state["run"]["finished"] is False
+    assert "stopped in epoch 2, after 1 of 2 batches" in capsys.readouterr().out
+
+    batches.clear()
+    assert train.main(args) == 3
+    assert "the rest of epoch 2 (from batch 2 of 2) of 3" in capsys.readouterr().out
+    assert batches == order[3:]
+    resumed = weights(workdir / "ckpt" / "ckpt-3.pkl")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_epoch_on_an_interrupted_run_sets_its_length(workdir, monkeypatch, capsys):  # noqa: F811
+    config = settings(workdir)
+    args = ["--config", config, "--quiet"]
+    with monkeypatch.context() as patch:
+        FakeClock(patch)
+        train.main(["--epoch", "4", "--budget", "0.5", *args])   # stops in epoch 2 of 4
+    with pytest.raises(InputError, match="has trained 1 of its 4 epochs; give more than 1"):
+        train.main(["--epoch", "1", *args])
+    capsys.readouterr()
+    assert train.main(["--epoch", "3", *args]) == 3
+    assert "(planned length 4 -> 3 epochs)" in capsys.readouterr().out
+    assert read_checkpoint(latest_checkpoint("ckpt"))["run"]["finished"] is True
+    # a finished run: plain train.py trains [train] n_epoch more (here 2, from the settings)
+    settings(workdir, n_epoch=2)
+    assert train.main(args) == 5
+
+
+def test_checkpoints_without_a_run_record_still_load_and_count_as_finished(workdir, capsys):  # noqa: F811
+    config = settings(workdir)
+    train.main(["--epoch", "1", "--config", config, "--quiet"])
+    path = workdir / "ckpt" / "ckpt-1.pkl"
+    state = torch.load(path, weights_only=False)
+    for key in ("run", "rng", "scaler"):   # what checkpoints held before runs resumed exactly
+        del state[key]
+    torch.save(state, path)
+    from model.checkpoint import load_model
+    load_model(path)
+    capsys.readouterr()
+    assert train.main(["--epoch", "1", "--config", config, "--quiet"]) == 2
+    assert "without a run record counts as finished" in capsys.readouterr().out

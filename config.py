@@ -72,6 +72,7 @@ class TrainConfig:
     lr_schedule: str = _choices("constant", "step", "cosine")
     lr_step: int = _at_least(1)
     lr_gamma: float = _at_least(0)
+    warmup: float = _between(0, 1)
     n_epoch: int = _at_least(0)
     n_ckpt_epoch: int = _at_least(1)
     n_cv_epoch: int = _at_least(0)

@@ -39,11 +39,68 @@ class RunningMean:
         return {k: self.total[k] / self.count[k] for k in self.total}
 
 
+CPU_BF16_UNITS = ("amx_bf16", "avx512_bf16")
+CPUINFO = "/proc/cpuinfo"
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    """The first value of `name` in /proc/cpuinfo, or None where there is no such file or field."""
+    try:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_bf16_units() -> dict[str, bool]:
+    """Which of the CPU's bfloat16 units (AMX-BF16, AVX512-BF16) this machine has, as PyTorch's
+    torch.cpu.get_capabilities() reports them; the flags of /proc/cpuinfo where it cannot."""
+    try:
+        caps = torch.cpu.get_capabilities()
+        return {unit: bool(caps.get(unit, False)) for unit in CPU_BF16_UNITS}
+    except (AttributeError, RuntimeError):  # a PyTorch without the query, or a CPU it cannot read
+        flags = set((_cpuinfo_field("flags") or "").split())
+        return {unit: unit in flags for unit in CPU_BF16_UNITS}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else the platform module), for benchmark rows."""
+    import platform
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def choose_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype for `[train] amp` on `device` (None: float32) and why, in words.
+
+    `auto` picks bfloat16 on CPUs with AMX-BF16 or AVX512-BF16 units and float32 on other CPUs
+    (there bfloat16 autocast is reported to be slower than float32); on CUDA, bfloat16 on cards of
+    compute capability 8.0 or more that support it natively, float16 (with loss scaling) on older
+    ones. The other settings are taken as they are.
+    """
+    if amp != "auto":
+        dtype = {"off": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[amp]
+        return dtype, f"[train] amp = {amp}"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8 and torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16, f"amp = auto: CUDA compute capability {major}.{minor} runs bfloat16 natively"
+        return torch.float16, (f"amp = auto: CUDA compute capability {major}.{minor} (below 8.0 or without "
+                               f"native bfloat16): float16 with loss scaling")
+    if device.type == "cpu":
+        units = [unit for unit, present in cpu_bf16_units().items() if present]
+        if units:
+            return torch.bfloat16, f"amp = auto: this CPU has {' and '.join(units)}"
+        return None, "amp = auto: this CPU has neither amx_bf16 nor avx512_bf16, where bfloat16 is slower"
+    return None, f"amp = auto: float32 on {device.type}"
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for [train] amp on this device; None: full float32."""
-    if amp == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    return {"off": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[amp]
+    """The autocast dtype for [train] amp on this device; None: full float32 (see choose_precision)."""
+    return choose_precision(amp, device)[0]
 
 
 def autocast_forward(model, image: torch.Tensor, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

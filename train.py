@@ -5,11 +5,13 @@
     python3 train.py --budget 20            # stop cleanly, with a checkpoint, after 20 minutes
     %run train.py --epoch 10                # the same inside a Jupyter notebook
 
-A run is one learning-rate schedule over a planned number of epochs. When the latest checkpoint
-belongs to an interrupted run (killed, or stopped by --budget), train.py continues that run to its
-planned end, exactly where it stopped: the same shuffle order, the rest of a cut epoch, the same
-rates. When it belongs to a finished run, train.py starts a new run of --epoch (or [train]
-n_epoch) epochs on a fresh schedule from [train] learn_rate (or --lr), keeping the weights.
+A run is one learning-rate schedule over a planned number of epochs, or over a wall-clock budget
+(--budget), whichever ends first. When the latest checkpoint belongs to an interrupted run
+(killed), train.py continues that run to its planned end, exactly where it stopped: the same
+shuffle order, the same rates, with the budget that is left. When it belongs to a finished run
+(all epochs done, or the budget spent), train.py starts a new run of --epoch (or [train] n_epoch)
+epochs on a fresh schedule from [train] learn_rate (or --lr), keeping the weights; an epoch the
+budget cut short is finished first.
 
 Settings come from config_default.ini, ./config.ini and --config PATH. Checkpoints go to
 [train] checkpoint_dir (ckpt-<epoch>.pkl every n_ckpt_epoch epochs, best.pkl by validation
@@ -30,7 +32,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from config import Config, InputError, load_and_report, run_main
 from dataset import NucleiDataset, make_sampler, training_split
-from engine import amp_dtype, evaluate, train_one_epoch
+from engine import choose_precision, evaluate, train_one_epoch
 from model import build_model, count_parameters
 from model.checkpoint import (latest_checkpoint, load_weights, model_config_of, read_checkpoint,
                               restore_rng_states, save_checkpoint, unwrap)
@@ -47,19 +49,25 @@ def parse_args(argv):
                         help="continue from the latest checkpoint (default)")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start from scratch")
     parser.add_argument("--budget", type=float, metavar="MINUTES",
-                        help="wall-clock budget; stop cleanly with a checkpoint when it is spent")
+                        help="wall-clock budget of the run; the schedule ends with it, and the run stops "
+                             "cleanly with a checkpoint when it is spent (on an interrupted run: its new "
+                             "total budget, counted from its start)")
     parser.add_argument("--config", help="extra settings file, read after config.ini")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, only epoch lines")
     return parser.parse_args(argv)
 
 
-def lr_factor(schedule: str, fraction: float, span_epochs: float, lr_step: int, lr_gamma: float) -> float:
+def lr_factor(schedule: str, fraction: float, span_epochs: float, lr_step: int, lr_gamma: float,
+              warmup: float = 0.0) -> float:
     """The learning rate, as a share of the peak rate, at `fraction` (0 to 1) of a schedule that
-    spans `span_epochs` epochs: cosine anneals from 1 to 0, step multiplies by lr_gamma every
-    lr_step epochs, constant stays at 1."""
+    spans `span_epochs` epochs: during the first `warmup` of it the rate rises linearly from 0;
+    then cosine anneals from 1 to 0 over the rest, step multiplies by lr_gamma every lr_step
+    epochs (counted from the start), constant stays at 1."""
     fraction = min(1.0, max(0.0, fraction))
+    if fraction < warmup:
+        return fraction / warmup
     if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * fraction))
+        return 0.5 * (1.0 + math.cos(math.pi * (fraction - warmup) / (1.0 - warmup)))
     if schedule == "step":
         # the small margin keeps 99.99999... epochs from counting as fewer than 100
         return lr_gamma ** math.floor(fraction * span_epochs / lr_step + 1e-9)
@@ -68,12 +76,14 @@ def lr_factor(schedule: str, fraction: float, span_epochs: float, lr_step: int, 
 
 @dataclass
 class Plan:
-    """One run: a learning-rate schedule from position `start` to the end of epoch `end`.
+    """One run: a learning-rate schedule from position `start` to the end of epoch `end`, or to
+    the end of a budget of `budget_s` seconds, whichever comes first.
 
     Positions count epochs as numbers: batch k (from 0) of epoch e (from 1) starts at
-    e - 1 + k / batches. The rate is a pure function of the position, so a resumed run gets the
-    same rates as an uninterrupted one. Stored in every checkpoint as 'run' (with the fields
-    'step' and 'finished' added).
+    e - 1 + k / batches. Without a budget the rate is a pure function of the position, so a
+    resumed run gets the same rates as an uninterrupted one; with one, the schedule follows the
+    larger of the epochs' share and the budget's spent share (`elapsed_s` carries the seconds
+    spent across resumes). Stored in every checkpoint as 'run' (with 'step' and 'finished').
     """
     schedule: str
     lr: float
@@ -83,24 +93,43 @@ class Plan:
     end: int
     seed: int
     batches: int
+    warmup: float = 0.0
+    budget_s: float | None = None
+    elapsed_s: float = 0.0
 
     @property
     def first(self) -> int:
         """The last complete epoch before the run began; the run's length counts from it."""
         return math.floor(self.start + 1e-9)
 
-    def rate(self, position: float) -> float:
+    def fraction(self, position: float, elapsed: float) -> float:
         span = self.end - self.start
         fraction = 1.0 if span <= 0 else (position - self.start) / span
-        return self.lr * lr_factor(self.schedule, fraction, span, self.lr_step, self.lr_gamma)
+        if self.budget_s:
+            fraction = max(fraction, elapsed / self.budget_s)
+        return min(1.0, max(0.0, fraction))
+
+    def rate(self, position: float, elapsed: float = 0.0) -> float:
+        return self.lr * lr_factor(self.schedule, self.fraction(position, elapsed), self.end - self.start,
+                                   self.lr_step, self.lr_gamma, self.warmup)
+
+    def spent(self, elapsed: float) -> bool:
+        return self.budget_s is not None and elapsed >= self.budget_s
 
     def describe(self) -> str:
-        return f"{self.schedule} schedule from lr {self.lr:g}"
+        text = f"{self.schedule} schedule from lr {self.lr:g}"
+        if self.warmup:
+            text += f" after a warm-up over {self.warmup:.0%} of it"
+        if self.budget_s is not None:
+            text += (f", ending with the epochs or with the {self.budget_s / 60:g}-min budget "
+                     f"({max(0.0, self.budget_s - self.elapsed_s) / 60:.1f} min left)")
+        return text
 
     @classmethod
     def from_record(cls, record: dict, path) -> "Plan":
         try:
-            return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
+            return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)
+                          if f.name in record or f.default is dataclasses.MISSING})
         except (KeyError, TypeError):
             raise InputError(f"{path}: the checkpoint's run record is not understood; use --no-resume") from None
 
@@ -162,7 +191,7 @@ def new_plan(cfg: Config, args, start: float, n_epoch: int, batches: int) -> Pla
     t = cfg.train
     return Plan(schedule=t.lr_schedule, lr=t.learn_rate if args.lr is None else args.lr, lr_step=t.lr_step,
                 lr_gamma=t.lr_gamma, start=start, end=math.floor(start + 1e-9) + n_epoch, seed=t.seed,
-                batches=batches)
+                batches=batches, warmup=t.warmup, budget_s=None if args.budget is None else 60 * args.budget)
 
 
 def resume_state(cfg: Config, args, model, optimizer, scaler, batches: int):
@@ -212,13 +241,21 @@ def resume_state(cfg: Config, args, model, optimizer, scaler, batches: int):
         if args.lr is not None and args.lr != plan.lr:
             changes.append(f"peak lr {plan.lr:g} -> {args.lr:g}")
             plan.lr = args.lr
+        if args.budget is not None and 60 * args.budget != plan.budget_s:
+            if 60 * args.budget <= plan.elapsed_s:
+                raise InputError(f"--budget {args.budget:g}: the interrupted run in {path} has already spent "
+                                 f"{plan.elapsed_s / 60:.2f} min; give more, leave --budget out to finish it, "
+                                 f"or use --no-resume")
+            was = "none" if plan.budget_s is None else f"{plan.budget_s / 60:g} min"
+            changes.append(f"budget {was} -> {args.budget:g} min")
+            plan.budget_s = 60 * args.budget
         at = f"the rest of epoch {epoch} (from batch {step + 1} of {batches})" if step else f"epoch {epoch + 1}"
         print(f"Resuming the interrupted run in {path}: {at} of {plan.end}, {plan.describe()}"
               + (f" ({'; '.join(changes)})" if changes else ""))
         return plan, epoch, step, best
     plan = new_plan(cfg, args, position, n_epoch, batches)
     older = "" if record else " (a checkpoint without a run record counts as finished)"
-    first = f", the rest of epoch {epoch} first" if step and n_epoch else ""
+    first = f", the rest of epoch {epoch} first," if step and n_epoch else ""
     print(f"Run finished {where} in {path}{older}; training {n_epoch} more epochs{first} on a fresh "
           f"{plan.describe()}")
     return plan, epoch, step, best
@@ -241,7 +278,8 @@ def main(argv=None):
     cfg = load_and_report(args.config)
     if args.epoch is not None and args.epoch < 0:
         raise InputError(f"--epoch {args.epoch}: must be 0 or more")
-    deadline = time.time() + 60 * args.budget if args.budget else None
+    if args.budget is not None and args.budget <= 0:
+        raise InputError(f"--budget {args.budget:g}: must be above 0 minutes")
     torch.manual_seed(cfg.train.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -255,8 +293,10 @@ def main(argv=None):
           f"{count_parameters(model) / 1e6:.2f} M parameters, on {device}; {len(train_samples)} training and "
           f"{len(valid_samples)} validation images")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.learn_rate, weight_decay=cfg.train.weight_decay)
+    dtype, why = choose_precision(cfg.train.amp, device)
+    print(f"Precision: {'float32' if dtype is None else str(dtype).removeprefix('torch.')} ({why})")
     # float16 gradients need loss scaling; bfloat16 has float32's range and does not
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype(cfg.train.amp, device) == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     plan, epoch, step, best = resume_state(cfg, args, model, optimizer, scaler, batches)
     train_data, order, train_loader, valid_loader = make_loaders(cfg, device, train_samples, valid_samples,
                                                                  plan.seed)
@@ -267,6 +307,11 @@ def main(argv=None):
     writer = SummaryWriter(cfg.train.log_dir)
     ckpt_dir = Path(cfg.train.checkpoint_dir)
     first_epoch = epoch if step else epoch + 1
+    started = time.monotonic()
+
+    def elapsed() -> float:
+        """Seconds this run has spent training, validating and saving, over all its invocations."""
+        return plan.elapsed_s + time.monotonic() - started
     try:
         for epoch in range(first_epoch, plan.end + 1):
             unwrap(model).freeze_encoder(epoch <= cfg.model.freeze_encoder_epochs)
@@ -275,15 +320,14 @@ def main(argv=None):
             order.set_epoch(epoch, first_step * cfg.train.n_batch)
 
             def before_step(k, epoch=epoch):
-                set_lr(optimizer, plan.rate(epoch - 1 + k / batches))
+                set_lr(optimizer, plan.rate(epoch - 1 + k / batches, elapsed()))
             stats, step = train_one_epoch(model, train_loader, optimizer, cfg, device, epoch, scaler,
-                                          lambda: deadline is not None and time.time() >= deadline,
-                                          show_progress=not args.quiet, first_step=first_step,
-                                          before_step=before_step)
+                                          lambda: plan.spent(elapsed()), show_progress=not args.quiet,
+                                          first_step=first_step, before_step=before_step)
             cut = step < batches
             step = step if cut else 0
-            stopped = cut or (deadline is not None and time.time() >= deadline)
-            set_lr(optimizer, plan.rate(epoch - 1 + step / batches if cut else epoch))
+            stopped = plan.spent(elapsed())
+            set_lr(optimizer, plan.rate(epoch - 1 + step / batches if cut else epoch, elapsed()))
             writer.add_scalar("lr", optimizer.param_groups[0]["lr"], epoch)
             for key, value in stats.items():
                 writer.add_scalar(f"train/{key}", value, epoch)
@@ -293,7 +337,7 @@ def main(argv=None):
             if cut:
                 line += f" (cut after {step} of {batches} batches)"
             scores = {"train_loss": stats["loss"], "best": best}
-            run = {**dataclasses.asdict(plan), "step": step, "finished": epoch == plan.end and not cut}
+            finished = stopped or (epoch == plan.end and not cut)
             validate = valid_loader is not None and cfg.train.n_cv_epoch and (
                 epoch % cfg.train.n_cv_epoch == 0 or stopped or epoch == plan.end)
             if validate:
@@ -307,16 +351,19 @@ def main(argv=None):
                 line += f" | valid DSB score: {score:.3f} IoU(semantic): {valid_stats['iou_semantic']:.3f}"
                 if score > best:
                     best = scores["best"] = score
+                    run = {**dataclasses.asdict(plan), "elapsed_s": elapsed(), "step": step, "finished": finished}
                     save_checkpoint(ckpt_dir / "best.pkl", model, cfg, optimizer, None, epoch, scores,
                                     update_pointer=False, scaler=scaler, run=run)
             print(line, flush=True)
             if epoch % cfg.train.n_ckpt_epoch == 0 or stopped or epoch == plan.end:
+                run = {**dataclasses.asdict(plan), "elapsed_s": elapsed(), "step": step, "finished": finished}
                 save_checkpoint(ckpt_dir / f"ckpt-{epoch}.pkl", model, cfg, optimizer, None, epoch, scores,
                                 scaler=scaler, run=run)
             if stopped:
                 at = f"in epoch {epoch}, after {step} of {batches} batches" if cut else f"after epoch {epoch}"
-                print(f"Wall-clock budget of {args.budget:g} min spent; stopped {at} of {plan.end}; "
-                      f"train.py without --no-resume continues the run there")
+                print(f"Wall-clock budget of {plan.budget_s / 60:g} min spent; stopped {at} of {plan.end}, "
+                      f"with the schedule at its end (lr {optimizer.param_groups[0]['lr']:.3g}); the next "
+                      f"train.py starts a fresh schedule" + (f", finishing epoch {epoch} first" if cut else ""))
                 break
     finally:
         writer.close()

@@ -8,9 +8,12 @@ For every model (unet, caunet, camunet) x decoder sharing, measured side by side
   with its own measure of the time spent waiting for data; the second of two passes is timed,
   and it includes starting the loader's worker processes, as every real epoch does.
 With --amp off bfloat16 every row is measured once per [train] amp setting, one after the other
-(bfloat16 autocast pays off on CPUs with AMX or AVX512-BF16 units). --models and --n-filter
-narrow the run to the recipe's own network.
-Prints a markdown table (images per second, loop/bare ratio, data-wait share) for docs/.
+(bfloat16 autocast pays off on CPUs with AMX or AVX512-BF16 units; `auto` measures what
+engine.choose_precision picks on this machine). --models and --n-filter narrow the run to the
+recipe's own network.
+Prints a markdown table (images per second, loop/bare ratio, data-wait share) for docs/; every row
+names the CPU model and the bfloat16 units PyTorch reports, so rows from different machines can
+sit in one table.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import load_config  # noqa: E402
 from dataset import NucleiDataset, list_samples  # noqa: E402
-from engine import amp_dtype, autocast_forward, train_one_epoch  # noqa: E402
+from engine import amp_dtype, autocast_forward, cpu_bf16_units, cpu_model, train_one_epoch  # noqa: E402
 from model import build_model, multitask_loss  # noqa: E402
 
 KEYS = ("image", "semantic", "contour", "marker", "weight")
@@ -70,7 +73,7 @@ def main(argv=None):
     parser.add_argument("--encoder", default="resnet34")
     parser.add_argument("--n-filter", type=int, default=None, help="decoder width (default: the config's)")
     parser.add_argument("--models", nargs="+", default=["unet", "caunet", "camunet"])
-    parser.add_argument("--amp", nargs="+", default=["off"], choices=["off", "bfloat16"])
+    parser.add_argument("--amp", nargs="+", default=["off"], choices=["off", "bfloat16", "auto"])
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     samples = [s for s in list_samples(args.root) if s.mask_paths is not None][:args.steps * args.batch]
@@ -83,8 +86,11 @@ def main(argv=None):
         batch = {k: torch.stack([it[k] for it in items]) for k in KEYS}
         print(f"CPU, {torch.get_num_threads()} torch threads, {args.encoder} encoder, batch {args.batch} of "
               f"{args.width}x{args.width}, {args.steps} steps per row, {args.workers} loader workers\n")
-        print("| model | decoders | amp | params (M) | bare img/s | loop img/s | loop / bare | data wait share |")
-        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        units = ", ".join(unit for unit, present in cpu_bf16_units().items() if present) or "none"
+        machine = f"{cpu_model()} | {units}"
+        print("| model | decoders | amp | params (M) | bare img/s | loop img/s | loop / bare | data wait share "
+              "| CPU | bf16 units |")
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
         for name in args.models:
             for shared in (True, False):
                 if name == "unet" and not shared:
@@ -98,8 +104,10 @@ def main(argv=None):
                     params = sum(p.numel() for p in model.parameters()) / 1e6
                     bare = bare_rate(model, cfg, batch, args.steps)
                     loop, wait = loop_rate(model, cfg, data, args.steps, args.batch, args.workers)
-                    print(f"| {name} | {'shared' if shared else 'separate'} | {amp} | {params:.2f} | {bare:.2f} | "
-                          f"{loop:.2f} | {loop / bare:.2f} | {100 * wait:.1f}% |", flush=True)
+                    dtype = amp_dtype(amp, torch.device("cpu"))
+                    shown = amp if amp != "auto" else f"auto ({'float32' if dtype is None else 'bfloat16'})"
+                    print(f"| {name} | {'shared' if shared else 'separate'} | {shown} | {params:.2f} | {bare:.2f} | "
+                          f"{loop:.2f} | {loop / bare:.2f} | {100 * wait:.1f}% | {machine} |", flush=True)
 
 
 if __name__ == "__main__":

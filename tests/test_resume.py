@@ -1,4 +1,5 @@
 """Resuming a training run: an interrupted run continues exactly, a finished one starts a fresh schedule."""
+import math
 import os
 import signal
 import subprocess
@@ -14,17 +15,17 @@ import train
 from config import InputError
 from model.checkpoint import latest_checkpoint, read_checkpoint
 from tests.conftest import REPO
-from tests.test_train import SETTINGS, workdir  # noqa: F401  (workdir is a fixture)
+from tests.test_train import SETTINGS, read_scalars, workdir  # noqa: F401  (workdir is a fixture)
 
 
 def settings(folder: Path, **train_keys) -> str:
     """test_train's tiny settings with a one-head model, a cosine schedule, validation every
-    second epoch and any other [train] keys given.
+    second epoch, float32 on every CPU, and any other [train] keys given.
 
     The weight map has no centre term: it comes from OpenCV's precise distance transform, whose
     results differ in the last bit from one call to the next (the same mask, the same process), so
     with it no two runs, interrupted or not, end with identical weights."""
-    keys = {"lr_schedule": "cosine", "n_cv_epoch": 2, **train_keys}
+    keys = {"lr_schedule": "cosine", "n_cv_epoch": 2, "amp": "off", **train_keys}
     text = SETTINGS.format(model="unet").replace("n_cv_epoch = 1\n", "") + "[target]\nweight_centre = 0.0\n"
     text = text.replace("[train]\n", "[train]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
     (folder / "settings.ini").write_text(text)
@@ -160,12 +161,11 @@ def record_batches(monkeypatch) -> list[list[int]]:
     return seen
 
 
-def test_an_epoch_cut_by_the_budget_is_finished_on_resume(workdir, monkeypatch, capsys):  # noqa: F811
+def test_an_epoch_cut_by_the_budget_is_finished_by_the_next_run(workdir, monkeypatch, capsys):  # noqa: F811
     config = settings(workdir)
     args = ["--config", config, "--quiet"]
     batches = record_batches(monkeypatch)
     train.main(["--epoch", "3", *args])
-    whole = weights(workdir / "ckpt" / "ckpt-3.pkl")
     order = list(batches)
     assert len(order) == 6 and order[:2] != order[2:4]  # a new shuffle every epoch
 
@@ -176,28 +176,86 @@ def test_an_epoch_cut_by_the_budget_is_finished_on_resume(workdir, monkeypatch, 
         assert train.main(["--epoch", "3", "--budget", "0.5", "--no-resume", *args]) == 2
     assert batches == order[:3]
     state = read_checkpoint(latest_checkpoint(workdir / "ckpt"))
-    assert state["epoch"] == 2 and state["run"]["step"] == 1 and state["run"]["finished"] is False
+    assert state["epoch"] == 2 and state["run"]["step"] == 1 and state["run"]["finished"] is True
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.0   # the budget ended the cosine schedule
     assert "stopped in epoch 2, after 1 of 2 batches" in capsys.readouterr().out
 
     batches.clear()
-    assert train.main(args) == 3
-    assert "the rest of epoch 2 (from batch 2 of 2) of 3" in capsys.readouterr().out
+    assert train.main(["--epoch", "2", *args]) == 3
+    assert ("Run finished in epoch 2 (after 1 of 2 batches) in ckpt/ckpt-2.pkl; training 2 more epochs, "
+            "the rest of epoch 2 first, on a fresh cosine schedule") in capsys.readouterr().out
     assert batches == order[3:]
-    resumed = weights(workdir / "ckpt" / "ckpt-3.pkl")
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert read_checkpoint(latest_checkpoint(workdir / "ckpt"))["run"]["step"] == 0
 
 
-def test_epoch_on_an_interrupted_run_sets_its_length(workdir, monkeypatch, capsys):  # noqa: F811
+def test_the_budget_drives_the_schedule(workdir, monkeypatch):  # noqa: F811
+    """Six steps of ten seconds fill a one-minute budget long before 100 epochs: the cosine
+    schedule follows the budget's spent share and ends at zero with it."""
+    config = settings(workdir, warmup=0.0)
+    FakeClock(monkeypatch)
+    lrs = record_lrs(monkeypatch)
+    assert train.main(["--epoch", "100", "--budget", "1", "--config", config, "--quiet"]) == 3
+    assert lrs == pytest.approx([0.001 * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)])
+    state = read_checkpoint(latest_checkpoint("ckpt"))
+    assert state["run"]["finished"] is True and state["run"]["elapsed_s"] == pytest.approx(60.0)
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.0
+
+
+def test_warm_up_then_cosine(workdir, monkeypatch):  # noqa: F811
+    config = settings(workdir, warmup=0.5)
+    lrs = record_lrs(monkeypatch)
+    train.main(["--epoch", "2", "--config", config, "--quiet"])
+    # four steps: a linear rise over the first half of the schedule, then a cosine over the second
+    assert lrs == pytest.approx([0.0, 0.0005, 0.001, 0.0005])
+
+
+def test_a_budgeted_run_ends_annealed(workdir):  # noqa: F811
+    """On the real clock: whatever this machine's speed, a run stopped by its budget (or by its
+    epochs, on a very fast one) ends with the cosine rate at zero."""
+    config = settings(workdir)
+    epoch = train.main(["--epoch", "1000", "--budget", "0.05", "--config", config, "--quiet"])
+    state = read_checkpoint(latest_checkpoint("ckpt"))
+    assert state["epoch"] == epoch and state["run"]["finished"] is True
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)
+    rates = [lr for _, lr in read_scalars(workdir / "runs")["lr"]]
+    assert rates[-1] == pytest.approx(0.0, abs=1e-9)
+    assert all(later <= earlier for earlier, later in zip(rates, rates[1:]))
+
+
+def interrupt_at_step(monkeypatch, limit: int) -> None:
+    """Ctrl-C just before the `limit`-th optimizer step."""
+    count = [0]
+    real = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] == limit:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+
+
+def test_epoch_and_budget_on_an_interrupted_run(workdir, monkeypatch, capsys):  # noqa: F811
     config = settings(workdir)
     args = ["--config", config, "--quiet"]
     with monkeypatch.context() as patch:
         FakeClock(patch)
-        train.main(["--epoch", "4", "--budget", "0.5", *args])   # stops in epoch 2 of 4
-    with pytest.raises(InputError, match="has trained 1 of its 4 epochs; give more than 1"):
-        train.main(["--epoch", "1", *args])
+        interrupt_at_step(patch, 6)   # in epoch 3 of 4, after the epoch-2 checkpoint (40 s spent)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(["--epoch", "4", "--budget", "10", *args])
+    state = read_checkpoint(latest_checkpoint("ckpt"))
+    assert state["epoch"] == 2 and state["run"]["finished"] is False
+    assert state["run"]["elapsed_s"] == pytest.approx(40.0) and state["run"]["budget_s"] == 600
+    with pytest.raises(InputError, match="has trained 2 of its 4 epochs; give more than 2"):
+        train.main(["--epoch", "2", *args])
+    with pytest.raises(InputError, match=r"--budget 0.5: the interrupted run in ckpt/ckpt-2.pkl has already "
+                                         r"spent 0.67 min"):
+        train.main(["--budget", "0.5", *args])
     capsys.readouterr()
     assert train.main(["--epoch", "3", *args]) == 3
-    assert "(planned length 4 -> 3 epochs)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Resuming the interrupted run in ckpt/ckpt-2.pkl: epoch 3 of 3" in out
+    assert "(planned length 4 -> 3 epochs)" in out
     assert read_checkpoint(latest_checkpoint("ckpt"))["run"]["finished"] is True
     # a finished run: plain train.py trains [train] n_epoch more (here 2, from the settings)
     settings(workdir, n_epoch=2)
@@ -217,3 +275,29 @@ def test_checkpoints_without_a_run_record_still_load_and_count_as_finished(workd
     capsys.readouterr()
     assert train.main(["--epoch", "1", "--config", config, "--quiet"]) == 2
     assert "without a run record counts as finished" in capsys.readouterr().out
+
+
+def test_the_epoch_order_depends_only_on_seed_and_epoch():
+    from torch.utils.data import WeightedRandomSampler
+    order = train.EpochOrder(10, seed=3)
+    order.set_epoch(5)
+    fifth = list(order)
+    assert sorted(fifth) == list(range(10))
+    order.set_epoch(6)
+    assert list(order) != fifth
+    other = train.EpochOrder(10, seed=3)   # a resumed run: a new object, straight to epoch 5, 4 samples done
+    other.set_epoch(5, skip=4)
+    assert list(other) == fifth[4:] and len(other) == 6
+
+    def balanced():
+        generator = torch.Generator()
+        weighted = WeightedRandomSampler([1.0] * 5 + [9.0] * 5, 10, replacement=True, generator=generator)
+        return train.EpochOrder(10, 3, weighted, generator)
+    first = balanced()
+    first.set_epoch(2)
+    list(first)
+    first.set_epoch(5)
+    draws = list(first)
+    second = balanced()
+    second.set_epoch(5, skip=3)
+    assert list(second) == draws[3:]

@@ -178,8 +178,59 @@ def test_bfloat16_training_keeps_float32_weights(workdir, monkeypatch):
     assert torch.bfloat16 in seen
 
 
-def test_amp_setting_picks_the_autocast_dtype():
-    from engine import amp_dtype
+def cpu_with(monkeypatch, **units):
+    """Make PyTorch's CPU capability query report these bfloat16 units (the others absent)."""
+    caps = {"architecture": "x86_64", "avx2": True, "amx_bf16": False, "avx512_bf16": False, **units}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+
+
+def cuda_card(monkeypatch, capability, bf16):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+
+
+def test_amp_auto_picks_the_precision_from_the_hardware(monkeypatch):
+    from engine import choose_precision
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert amp_dtype("auto", cpu) is None and amp_dtype("auto", cuda) == torch.float16
-    assert amp_dtype("bfloat16", cpu) == torch.bfloat16 and amp_dtype("off", cuda) is None
+    cpu_with(monkeypatch, amx_bf16=True, avx512_bf16=True)
+    assert choose_precision("auto", cpu) == (torch.bfloat16, "amp = auto: this CPU has amx_bf16 and avx512_bf16")
+    cpu_with(monkeypatch, avx512_bf16=True)
+    assert choose_precision("auto", cpu)[0] == torch.bfloat16
+    cpu_with(monkeypatch)
+    dtype, why = choose_precision("auto", cpu)
+    assert dtype is None and "neither amx_bf16 nor avx512_bf16" in why
+    assert choose_precision("bfloat16", cpu) == (torch.bfloat16, "[train] amp = bfloat16")
+    assert choose_precision("off", cpu)[0] is None
+
+    cuda_card(monkeypatch, (8, 0), True)
+    assert choose_precision("auto", cuda)[0] == torch.bfloat16
+    cuda_card(monkeypatch, (9, 0), False)      # no native bfloat16 reported
+    assert choose_precision("auto", cuda)[0] == torch.float16
+    cuda_card(monkeypatch, (7, 5), True)       # bfloat16 only emulated on older cards
+    dtype, why = choose_precision("auto", cuda)
+    assert dtype == torch.float16 and "7.5" in why and "loss scaling" in why
+    assert choose_precision("off", cuda)[0] is None
+
+
+def test_amp_auto_reads_cpuinfo_where_pytorch_cannot_say(monkeypatch, tmp_path):
+    import engine
+
+    def no_query():
+        raise RuntimeError("cpuinfo failed to initialize")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", no_query)
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(engine, "CPUINFO", str(info))
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert engine.cpu_bf16_units() == {"amx_bf16": False, "avx512_bf16": True}
+    assert engine.choose_precision("auto", torch.device("cpu"))[0] == torch.bfloat16
+    assert engine.cpu_model() == "Some CPU"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    assert engine.choose_precision("auto", torch.device("cpu"))[0] is None
+    info.unlink()
+    assert engine.choose_precision("auto", torch.device("cpu"))[0] is None
+
+
+def test_the_chosen_precision_is_printed_with_its_reason(workdir, monkeypatch, capsys):
+    cpu_with(monkeypatch)
+    train.main(["--epoch", "1", "--config", settings(workdir, model="unet"), "--quiet"])
+    assert "Precision: float32 (amp = auto: this CPU has neither amx_bf16 nor avx512_bf16" in capsys.readouterr().out

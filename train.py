@@ -122,7 +122,7 @@ class Plan:
             text += f" after a warm-up over {self.warmup:.0%} of it"
         if self.budget_s is not None:
             text += (f", ending with the epochs or with the {self.budget_s / 60:g}-min budget "
-                     f"({max(0.0, self.budget_s - self.elapsed_s) / 60:.1f} min left)")
+                     f"({max(0.0, self.budget_s - self.elapsed_s) / 60:.3g} min left)")
         return text
 
     @classmethod
@@ -360,8 +360,9 @@ def main(argv=None):
                 save_checkpoint(ckpt_dir / f"ckpt-{epoch}.pkl", model, cfg, optimizer, None, epoch, scores,
                                 scaler=scaler, run=run)
             if stopped:
-                at = f"in epoch {epoch}, after {step} of {batches} batches" if cut else f"after epoch {epoch}"
-                print(f"Wall-clock budget of {plan.budget_s / 60:g} min spent; stopped {at} of {plan.end}, "
+                at = (f"in epoch {epoch} of {plan.end}, after {step} of {batches} batches" if cut
+                      else f"after epoch {epoch} of {plan.end}")
+                print(f"Wall-clock budget of {plan.budget_s / 60:g} min spent; stopped {at}, "
                       f"with the schedule at its end (lr {optimizer.param_groups[0]['lr']:.3g}); the next "
                       f"train.py starts a fresh schedule" + (f", finishing epoch {epoch} first" if cut else ""))
                 break

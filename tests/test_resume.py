@@ -20,12 +20,12 @@ from tests.test_train import SETTINGS, read_scalars, workdir  # noqa: F401  (wor
 
 def settings(folder: Path, **train_keys) -> str:
     """test_train's tiny settings with a one-head model, a cosine schedule, validation every
-    second epoch, float32 on every CPU, and any other [train] keys given.
+    second epoch (and test_train's amp = off), and any other [train] keys given.
 
     The weight map has no centre term: it comes from OpenCV's precise distance transform, whose
     results differ in the last bit from one call to the next (the same mask, the same process), so
     with it no two runs, interrupted or not, end with identical weights."""
-    keys = {"lr_schedule": "cosine", "n_cv_epoch": 2, "amp": "off", **train_keys}
+    keys = {"lr_schedule": "cosine", "n_cv_epoch": 2, **train_keys}
     text = SETTINGS.format(model="unet").replace("n_cv_epoch = 1\n", "") + "[target]\nweight_centre = 0.0\n"
     text = text.replace("[train]\n", "[train]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
     (folder / "settings.ini").write_text(text)
@@ -178,7 +178,7 @@ def test_an_epoch_cut_by_the_budget_is_finished_by_the_next_run(workdir, monkeyp
     state = read_checkpoint(latest_checkpoint(workdir / "ckpt"))
     assert state["epoch"] == 2 and state["run"]["step"] == 1 and state["run"]["finished"] is True
     assert state["optimizer"]["param_groups"][0]["lr"] == 0.0   # the budget ended the cosine schedule
-    assert "stopped in epoch 2, after 1 of 2 batches" in capsys.readouterr().out
+    assert "stopped in epoch 2 of 3, after 1 of 2 batches" in capsys.readouterr().out
 
     batches.clear()
     assert train.main(["--epoch", "2", *args]) == 3

@@ -123,6 +123,8 @@ class PreConfig:
     clahe: bool
     noise: bool
     noise_sigma: float = _at_least(0)
+    size_norm: bool
+    nucleus_diameter: float = _between(4, 512)
 
 
 @dataclass(frozen=True)
@@ -323,6 +325,9 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
     if cfg.pre.rescale_min > cfg.pre.rescale_max:
         raise ConfigError(f"{raw['pre']['rescale_min'][1]}: [pre] rescale_min {cfg.pre.rescale_min}"
                           f" is above rescale_max {cfg.pre.rescale_max}")
+    if cfg.pre.size_norm and not cfg.valid.pred_orig_size:
+        raise ConfigError(f"{raw['pre']['size_norm'][1]}: [pre] size_norm sets the prediction scale itself and "
+                          f"needs [valid] pred_orig_size = True (False in {raw['valid']['pred_orig_size'][1]})")
     if len(cfg.loss.head_weights) != 3:
         raise ConfigError(f"{raw['loss']['head_weights'][1]}: [loss] head_weights needs 3 numbers "
                           f"(semantic, contour, marker), got {len(cfg.loss.head_weights)}")

@@ -6,6 +6,9 @@ instance id is never interpolated into another. Colour changes run afterwards on
 with torchvision's transforms. All randomness comes from a numpy Generator passed in, so a sample
 is reproducible from its seed whatever process draws it.
 
+With `[pre] size_norm` each sample is first brought to a common nucleus size (`dataset/sizes.py`):
+the random rescale factor is multiplied by nucleus_diameter / the sample's median nucleus diameter.
+
 Importing this module does not import torch: only `Augmenter.photometric` and `to_tensor_image`
 need it, and import it when first called, so torch-free tools (preview.py) can use the geometry.
 """
@@ -17,6 +20,7 @@ import cv2
 import numpy as np
 
 from config import PreConfig
+from dataset.sizes import median_diameter, size_factor
 
 
 def item_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -79,6 +83,42 @@ def random_crop(image: np.ndarray, labels: np.ndarray, width: int, scale: float,
     return image, labels
 
 
+def scaled_crop(image: np.ndarray, labels: np.ndarray, width: int, scale: float,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`random_crop` for any scale, at a cost bounded by the output and the image, not the window.
+
+    The window (side width / scale) is drawn exactly as `random_crop` draws it, but the image is
+    never padded to the window's size: only the part of the window inside the image is resized,
+    with area averaging when it shrinks (no aliasing), and placed on a width x width canvas of the
+    image's median colour (labels 0). A sample whose nuclei are eight times the target size is
+    shrunk eight times; a padded window would be 64 times the output's pixels.
+    """
+    window = max(1, int(round(width / scale)))
+    height, wide = labels.shape
+    pad_y, pad_x = max(0, window - height), max(0, window - wide)
+    y = int(rng.integers(0, height + pad_y - window + 1)) - pad_y // 2  # window origin in the image
+    x = int(rng.integers(0, wide + pad_x - window + 1)) - pad_x // 2
+    y0, y1 = max(y, 0), min(y + window, height)
+    x0, x1 = max(x, 0), min(x + window, wide)
+    step = width / window  # output pixels per image pixel
+    top, bottom = int(round((y0 - y) * step)), int(round((y1 - y) * step))
+    left, right = int(round((x0 - x) * step)), int(round((x1 - x) * step))
+    out_image = np.empty((width, width, 3), np.uint8)
+    if (top, left, bottom, right) != (0, 0, width, width):  # some of the window lies outside
+        out_image[:] = np.median(image.reshape(-1, 3), axis=0).astype(np.uint8)
+    out_labels = np.zeros((width, width), labels.dtype)
+    if bottom > top and right > left:
+        size = (right - left, bottom - top)
+        part, part_labels = image[y0:y1, x0:x1], labels[y0:y1, x0:x1]
+        if size != (x1 - x0, y1 - y0):
+            shrink = size[0] * size[1] < (x1 - x0) * (y1 - y0)
+            part = cv2.resize(part, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+            part_labels = cv2.resize(part_labels, size, interpolation=cv2.INTER_NEAREST_EXACT)
+        out_image[top:bottom, left:right] = part
+        out_labels[top:bottom, left:right] = part_labels
+    return out_image, out_labels
+
+
 def elastic(image: np.ndarray, labels: np.ndarray, alpha: float, sigma: float,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Smooth random displacement field (Gaussian-filtered noise, scaled by alpha) applied to both."""
@@ -139,7 +179,12 @@ class Augmenter:
     def geometric(self, image, labels, rng: np.random.Generator):
         pre = self.pre
         scale = float(np.exp(rng.uniform(np.log(pre.rescale_min), np.log(pre.rescale_max)))) if pre.rescale else 1.0
-        image, labels = random_crop(image, labels, pre.width, scale, rng)
+        if pre.size_norm:
+            # the random rescale becomes a jitter around the sample's normalised nucleus size
+            scale *= size_factor(median_diameter(labels), pre.nucleus_diameter)
+            image, labels = scaled_crop(image, labels, pre.width, scale, rng)
+        else:
+            image, labels = random_crop(image, labels, pre.width, scale, rng)
         if pre.elastic and pre.elastic_alpha > 0:
             image, labels = elastic(image, labels, pre.elastic_alpha, pre.elastic_sigma, rng)
         return flip_rotate(image, labels, pre.flip, pre.rotate, rng)

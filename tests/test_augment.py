@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from dataset.augment import Augmenter, elastic, random_crop
+from dataset.augment import Augmenter, elastic, random_crop, scaled_crop
 from tests.conftest import disk
 
 COLOURS = np.array([[0, 0, 0]] + [[(37 * i) % 200 + 50, (91 * i) % 200 + 50, (53 * i) % 200 + 50]
@@ -118,3 +118,77 @@ def test_training_and_prediction_see_the_same_preprocessing(cfg):
     image, _ = data.decoded(0)
     assert torch.equal(data[0]["image"], to_tensor_image(prepare_image(image, c.pre)))
     assert not torch.equal(data[0]["image"], to_tensor_image(image))
+
+
+def disks_of(diameter, shape=(300, 300), gap=1.6, seed=0):
+    """A grid of disks of one diameter (with a little jitter) and an image painted by label."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.int32)
+    step = int(diameter * gap)
+    n = 0
+    for y in range(step // 2, shape[0] - step // 2, step):
+        for x in range(step // 2, shape[1] - step // 2, step):
+            n += 1
+            labels[disk(shape, (y, x), diameter / 2 * rng.uniform(0.9, 1.1))] = n
+    return COLOURS[labels % len(COLOURS)], labels
+
+
+def inner_median_diameter(labels):
+    """Median equivalent diameter of the nuclei that the crop's border does not cut."""
+    from dataset.sizes import equivalent_diameters
+    cut = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    kept = np.where(np.isin(labels, cut), 0, labels)
+    return np.median(equivalent_diameters(kept))
+
+
+@pytest.mark.parametrize("diameter", [40, 10])  # twice and half the target
+def test_size_norm_brings_the_median_nucleus_to_the_target(cfg, diameter):
+    image, labels = disks_of(diameter, shape=(400, 400) if diameter == 40 else (160, 160))
+    target, low, high = 20.0, 0.8, 1.25
+    pre = cfg.replace("pre", width=96, size_norm=True, nucleus_diameter=target,
+                      rescale_min=low, rescale_max=high).pre
+    sizes = []
+    for seed in range(6):
+        out_image, out_labels = Augmenter(pre).geometric(image, labels, np.random.default_rng(seed))
+        assert out_image.shape == (96, 96, 3) and out_labels.dtype == np.int32
+        assert set(np.unique(out_labels)) <= set(np.unique(labels))
+        sizes.append(inner_median_diameter(out_labels))
+    # within the jitter around the target (plus the disks' own 10 % spread and the elastic warp)
+    assert all(target * low * 0.85 <= d <= target * high * 1.15 for d in sizes), sizes
+    # without size_norm the same jitter leaves them near their own size
+    plain = Augmenter(cfg.replace("pre", width=160, rescale_min=low, rescale_max=high).pre)
+    d = inner_median_diameter(plain.geometric(image, labels, np.random.default_rng(0))[1])
+    assert np.isfinite(d) and not target * low * 0.85 <= d <= target * high * 1.15
+
+
+def test_size_norm_is_deterministic_and_a_sample_without_nuclei_gets_the_jitter_only(cfg):
+    image, labels = disks_of(40)
+    aug = Augmenter(cfg.replace("pre", width=64, size_norm=True).pre)
+    a = aug.geometric(image, labels, np.random.default_rng(5))
+    b = aug.geometric(image, labels, np.random.default_rng(5))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    empty = np.zeros_like(labels)
+    pre = dict(width=64, elastic=False, flip=False, rotate=False, rescale_min=0.5, rescale_max=2.0)
+    normed = Augmenter(cfg.replace("pre", size_norm=True, **pre).pre).geometric(image, empty, np.random.default_rng(2))
+    jitter = Augmenter(cfg.replace("pre", **pre).pre).geometric(image, empty, np.random.default_rng(2))
+    # the same window at the same scale; only the resampling of a window that leaves the image differs
+    assert np.abs(normed[0].astype(int) - jitter[0].astype(int)).mean() < 8
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.7, 3.0])
+def test_scaled_crop_equals_random_crop_inside_the_image(scale):
+    image, labels = painted((200, 220))
+    a = random_crop(image, labels, 64, scale, np.random.default_rng(4))
+    b = scaled_crop(image, labels, 64, scale, np.random.default_rng(4))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_scaled_crop_of_a_far_too_large_window_stays_small_and_loses_no_nucleus():
+    image, labels = painted((40, 50), n=5)
+    out_image, out_labels = scaled_crop(image, labels, 64, 0.125, np.random.default_rng(0))
+    assert out_image.shape == (64, 64, 3) and out_labels.shape == (64, 64)
+    # the whole image, shrunk 8 times, lies on the canvas: every nucleus area scaled by 1 / 64
+    assert abs((out_labels > 0).sum() - (labels > 0).sum() / 64) <= 4
+    assert (out_labels > 0).any() and set(np.unique(out_labels)) <= set(np.unique(labels))
+    background = out_labels == 0
+    assert (out_image[background] == np.median(image.reshape(-1, 3), axis=0).astype(np.uint8)).all(axis=1).mean() > 0.8

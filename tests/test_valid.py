@@ -18,6 +18,8 @@ model = camunet
 encoder = plain
 n_filter = 4
 [train]
+; tiny networks train faster in float32 than in bfloat16, even with AMX (docs/training.md)
+amp = off
 n_batch = 4
 n_worker = 0
 n_cv_epoch = 1

@@ -48,6 +48,9 @@ def parse_args(argv):
     parser.add_argument("--resume", dest="resume", action="store_true", default=True,
                         help="continue from the latest checkpoint (default)")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start from scratch")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --no-resume: delete the checkpoints of an earlier run in [train] "
+                             "checkpoint_dir first (without it, such a folder is refused)")
     parser.add_argument("--budget", type=float, metavar="MINUTES",
                         help="wall-clock budget of the run; the schedule ends with it, and the run stops "
                              "cleanly with a checkpoint when it is spent (on an interrupted run: its new "
@@ -261,6 +264,26 @@ def resume_state(cfg: Config, args, model, optimizer, scaler, batches: int):
     return plan, epoch, step, best
 
 
+def earlier_run_files(folder: Path) -> list[Path]:
+    """The files of an earlier run in a checkpoint folder: checkpoints, their tuned files, the pointer."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and (
+        p.name in ("best.pkl", "current.json", "best.pkl.post.json")
+        or (p.name.startswith("ckpt-") and (p.name.endswith(".pkl") or p.name.endswith(".pkl.post.json")))))
+
+
+def check_samples(*datasets) -> None:
+    """Decode every sample once in this process before anything is written, so a damaged file is
+    one clear error here rather than a traceback from a loader worker mid-epoch (it also fills
+    the decode cache)."""
+    for data in datasets:
+        if data is None:
+            continue
+        for index in range(len(data)):
+            data.decoded(index)
+
+
 def log_images(writer, sample: dict, epoch: int) -> None:
     writer.add_image("valid/input", sample["image"], epoch)
     for key, value in sample.items():
@@ -283,6 +306,12 @@ def main(argv=None):
     torch.manual_seed(cfg.train.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+    ckpt_dir = Path(cfg.train.checkpoint_dir)
+    earlier = earlier_run_files(ckpt_dir) if not args.resume else []
+    if earlier and not args.overwrite:
+        raise InputError(f"{ckpt_dir}: holds the checkpoints of an earlier run ({earlier[0].name}, ...); "
+                         f"--no-resume would write over them: add --overwrite to delete them, resume "
+                         f"instead, or set another [train] checkpoint_dir")
     train_samples, valid_samples = training_split(cfg)
     batches = math.ceil(len(train_samples) / cfg.train.n_batch)
     model = build_model(cfg.model).to(device)
@@ -300,12 +329,16 @@ def main(argv=None):
     plan, epoch, step, best = resume_state(cfg, args, model, optimizer, scaler, batches)
     train_data, order, train_loader, valid_loader = make_loaders(cfg, device, train_samples, valid_samples,
                                                                  plan.seed)
+    check_samples(train_data, valid_loader.dataset if valid_loader is not None else None)
     if device.type == "cuda" and torch.cuda.device_count() > 1:
         model = torch.nn.DataParallel(model)
+    for path in earlier:
+        path.unlink()
+    if earlier:
+        print(f"--overwrite: deleted {len(earlier)} files of the earlier run in {ckpt_dir}")
 
     from tensorboardX import SummaryWriter
     writer = SummaryWriter(cfg.train.log_dir)
-    ckpt_dir = Path(cfg.train.checkpoint_dir)
     first_epoch = epoch if step else epoch + 1
     started = time.monotonic()
 

@@ -125,8 +125,6 @@ def test_bad_sample_is_refused_and_nothing_is_written(work, kind, script):
     assert_refused(run_script(script, COMMANDS[script], work), before, work, name)
 
 
-@pytest.mark.xfail(strict=True, reason="train.py: a DataLoader worker re-raises the InputError with its "
-                   "whole traceback in the message (several stderr lines), and runs/ is already written")
 def test_train_refuses_a_corrupt_image_with_one_line_and_no_output(work):
     (work / "data" / "stage1_train").rename(work / "data" / "train")
     (work / "data" / "train" / "b" / "images" / "b.png").write_bytes(b"not a png")

@@ -173,7 +173,7 @@ def test_an_epoch_cut_by_the_budget_is_finished_by_the_next_run(workdir, monkeyp
         FakeClock(patch)
         batches.clear()
         # 30 s of budget: the third step (the first of epoch 2) spends it
-        assert train.main(["--epoch", "3", "--budget", "0.5", "--no-resume", *args]) == 2
+        assert train.main(["--epoch", "3", "--budget", "0.5", "--no-resume", "--overwrite", *args]) == 2
     assert batches == order[:3]
     state = read_checkpoint(latest_checkpoint(workdir / "ckpt"))
     assert state["epoch"] == 2 and state["run"]["step"] == 1 and state["run"]["finished"] is True

@@ -105,7 +105,23 @@ def test_resume_with_another_model_is_a_clear_error(workdir):
     train.main(["--epoch", "1", "--config", settings(workdir, model="unet"), "--quiet"])
     with pytest.raises(InputError, match=r"trained with \[model\] model = unet, but the settings say camunet"):
         train.main(["--epoch", "1", "--config", settings(workdir, model="camunet"), "--quiet"])
-    assert train.main(["--epoch", "1", "--config", settings(workdir), "--quiet", "--no-resume"]) == 1
+    assert train.main(["--epoch", "1", "--config", settings(workdir), "--quiet", "--no-resume", "--overwrite"]) == 1
+
+
+def test_a_new_run_does_not_silently_replace_an_earlier_one(workdir):
+    """--no-resume in a folder with checkpoints once wrote the new run's ckpt-1.pkl and best.pkl
+    over the old run's; now it is refused unless --overwrite deletes the old run first."""
+    config = settings(workdir)
+    train.main(["--epoch", "2", "--config", config, "--quiet"])
+    ckpt = workdir / "ckpt"
+    (ckpt / "best.pkl.post.json").write_text("{}")  # tuned for the old best.pkl only
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    with pytest.raises(InputError, match="ckpt: holds the checkpoints of an earlier run .* add --overwrite"):
+        train.main(["--epoch", "1", "--config", config, "--quiet", "--no-resume"])
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert train.main(["--epoch", "1", "--config", config, "--quiet", "--no-resume", "--overwrite"]) == 1
+    assert not (ckpt / "ckpt-2.pkl").exists() and not (ckpt / "best.pkl.post.json").exists()
+    assert read_checkpoint(ckpt / "ckpt-1.pkl")["epoch"] == 1
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(workdir, monkeypatch):

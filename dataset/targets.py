@@ -25,8 +25,14 @@ def _min_filter(values: np.ndarray, size: int) -> np.ndarray:
 
 
 def _distance_to_zero(mask: np.ndarray) -> np.ndarray:
-    """Exact Euclidean distance of every True pixel to the nearest False pixel (float32)."""
-    return cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    """Exact Euclidean distance of every True pixel to the nearest False pixel (float32).
+
+    OpenCV's precise transform is exact up to its last bit, which varies from call to call (its
+    threads split the work differently), and that made training runs unrepeatable. The squared
+    distance is a whole number of pixels squared, so rounding it gives back the exact value every time.
+    """
+    distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return np.sqrt(np.rint(distance * distance)).astype(np.float32)
 
 
 def _neighbour_extremes(labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

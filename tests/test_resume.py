@@ -20,13 +20,10 @@ from tests.test_train import SETTINGS, read_scalars, workdir  # noqa: F401  (wor
 
 def settings(folder: Path, **train_keys) -> str:
     """test_train's tiny settings with a one-head model, a cosine schedule, validation every
-    second epoch (and test_train's amp = off), and any other [train] keys given.
-
-    The weight map has no centre term: it comes from OpenCV's precise distance transform, whose
-    results differ in the last bit from one call to the next (the same mask, the same process), so
-    with it no two runs, interrupted or not, end with identical weights."""
+    second epoch (and test_train's amp = off), and any other [train] keys given. The weight map
+    keeps its centre term: its distance transform is exact and repeatable (dataset/targets.py)."""
     keys = {"lr_schedule": "cosine", "n_cv_epoch": 2, **train_keys}
-    text = SETTINGS.format(model="unet").replace("n_cv_epoch = 1\n", "") + "[target]\nweight_centre = 0.0\n"
+    text = SETTINGS.format(model="unet").replace("n_cv_epoch = 1\n", "")
     text = text.replace("[train]\n", "[train]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
     (folder / "settings.ini").write_text(text)
     return str(folder / "settings.ini")

@@ -9,22 +9,37 @@ that picks `best.pkl` is computed exactly as `valid.py --no-tuned` computes it.
 Each member prepares the RGB uint8 image with its own `[pre]` settings (contrast stretch, CLAHE,
 input width when resizing), then padding to the network stride or tiles, test-time augmentation,
 and the average over members. `postprocess.py` turns the maps into instances.
+
+A member trained with `[pre] size_norm` sees every image at its training nucleus size: passes
+without TTA estimate the image's median nucleus diameter (`dataset.sizes.estimate_diameter` on the
+semantic map), the image is rescaled so that it becomes `[pre] nucleus_diameter`, predicted, and
+its maps are resized back to the image's own size, where post-processing runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from config import InputError, PreConfig, ValidConfig
 from dataset.augment import prepare_image, to_tensor_image
+from dataset.sizes import estimate_diameter, size_factor
 from dataset.tiles import tile_origins
 
 View = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+# size normalisation: at most this many estimation passes. The first sees the image as it is; each
+# further one sees it at the scale the last estimate asked for, and the passes stop once the
+# network sees nuclei within SIZE_TOLERANCE (a ratio) of its training size, where its semantic
+# map, and so the estimate, is the most trustworthy.
+SIZE_PASSES = 3
+SIZE_TOLERANCE = 1.25
 
 
 @dataclass(frozen=True)
@@ -165,6 +180,72 @@ def predict_model(model, image: torch.Tensor, valid: ValidConfig, width: int) ->
     return _predict_padded(model, batch, views, valid.pad_mode)
 
 
+def scaled_size(height: int, width: int, factor: float) -> tuple[int, int]:
+    """(height, width) of an image rescaled by `factor`, at least one pixel each."""
+    return max(1, int(round(height * factor))), max(1, int(round(width * factor)))
+
+
+def rescale_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A (C, H, W) float image resized to `size` as training's `scaled_crop` resizes samples (OpenCV,
+    area averaging when it shrinks, bilinear when it enlarges), so the network sees a rescaled
+    image at prediction as it saw one in training."""
+    h, w = image.shape[-2:]
+    if (h, w) == tuple(size):
+        return image
+    interpolation = cv2.INTER_AREA if size[0] * size[1] < h * w else cv2.INTER_LINEAR
+    array = image.permute(1, 2, 0).float().cpu().numpy()
+    out = cv2.resize(array, (size[1], size[0]), interpolation=interpolation)
+    out = out.reshape(size[0], size[1], -1)  # OpenCV drops a single channel's axis
+    return torch.from_numpy(out).permute(2, 0, 1).to(image.device, image.dtype)
+
+
+def resize_maps(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Probability maps (H, W) or (C, H, W) resized to `size`: bilinear, with torch's antialias
+    when they shrink."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrink = size[0] * size[1] < x.shape[-2] * x.shape[-1]
+    batch = x.reshape(1, -1, *x.shape[-2:])
+    out = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    return out.reshape(*x.shape[:-2], *size)
+
+
+def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int,
+                   target: float) -> tuple[float | None, float]:
+    """(estimated median nucleus diameter in the image's own pixels, or None when no pass saw a
+    nucleus; the rescale factor that brings it to `target`, clamped as `dataset.sizes.size_factor`).
+
+    Passes without TTA: the first at the image's own scale, each further one at the factor the last
+    estimate gave (see SIZE_PASSES). An image far from the network's scale, whose first estimate
+    is off, is thus measured again nearer the right scale before it is predicted.
+    """
+    quick = dataclasses.replace(valid, test_time_augment=False, tta_rotate=False)
+    h, w = image.shape[-2:]
+    diameter, factor = None, 1.0
+    for _ in range(SIZE_PASSES):
+        size = scaled_size(h, w, factor)
+        semantic = predict_model(model, rescale_image(image, size), quick, width)["semantic"]
+        seen = estimate_diameter(semantic.float().cpu().numpy())
+        if seen is None:
+            break  # nothing at this scale: keep the last factor that saw nuclei
+        diameter = seen / math.sqrt(size[0] * size[1] / (h * w))
+        previous, factor = factor, size_factor(diameter, target)
+        if abs(math.log(seen / target)) <= math.log(SIZE_TOLERANCE) or factor == previous:
+            break
+    return diameter, factor
+
+
+def predict_normalised(model, image: torch.Tensor, valid: ValidConfig, width: int,
+                       target: float) -> tuple[dict[str, torch.Tensor], float | None, float]:
+    """`predict_model` at the nucleus size `target` (pixels): the image is rescaled by the factor
+    `estimate_scale` gives, predicted with `valid`'s TTA, padding and tiles, and every map is
+    resized back to the image's size. Returns (maps, estimated diameter or None, factor)."""
+    diameter, factor = estimate_scale(model, image, valid, width, target)
+    h, w = image.shape[-2:]
+    out = predict_model(model, rescale_image(image, scaled_size(h, w, factor)), valid, width)
+    return {k: resize_maps(v, (h, w)) for k, v in out.items()}, diameter, factor
+
+
 def _member(m) -> Member:
     return m if isinstance(m, Member) else Member(m)
 
@@ -180,7 +261,8 @@ def member_input(member: Member, image: np.ndarray | torch.Tensor) -> torch.Tens
 
 
 def predict_image(members: list, image: np.ndarray | torch.Tensor, valid: ValidConfig,
-                  width: int | None = None, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+                  width: int | None = None, device: torch.device | str = "cpu",
+                  sizes: dict | None = None) -> dict[str, np.ndarray]:
     """Ensemble prediction for one image -> {head: float32 (H, W) in [0, 1]} as numpy.
 
     members: `Member`s (or bare models, which take the image as it is). image: RGB uint8
@@ -188,9 +270,15 @@ def predict_image(members: list, image: np.ndarray | torch.Tensor, valid: ValidC
     that is already prepared. Each head's map is averaged over the members that have that head
     (so CAUNet and CAMUNet checkpoints combine); with `ensemble = vote` and two or more members each
     map is binarised at 0.5 first, giving the share of votes. `width`: the input side for
-    `pred_orig_size = False` when a member has no `[pre]`.
+    `pred_orig_size = False` when a member has no `[pre]`. A member whose `[pre]` has `size_norm`
+    predicts the image rescaled to its `nucleus_diameter` (`predict_normalised`); `sizes`, when
+    given, receives {member name: (estimated median diameter or None, rescale factor)} for them.
     """
     members = [_member(m) for m in members]
+    for member in members:
+        if member.pre is not None and member.pre.size_norm and not valid.pred_orig_size:
+            raise InputError(f"{member.name} was trained with [pre] size_norm, which sets the prediction scale "
+                             f"itself: set [valid] pred_orig_size = True")
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     prepared: dict[tuple, torch.Tensor] = {}
@@ -200,7 +288,14 @@ def predict_image(members: list, image: np.ndarray | torch.Tensor, valid: ValidC
         if key not in prepared:
             prepared[key] = member_input(member, image).to(device)
         side = member.pre.width if member.pre is not None else (width or 256)
-        for k, v in predict_model(member.model, prepared[key], valid, side).items():
+        if member.pre is not None and member.pre.size_norm:
+            maps, diameter, factor = predict_normalised(member.model, prepared[key], valid, side,
+                                                        member.pre.nucleus_diameter)
+            if sizes is not None:
+                sizes[member.name] = (diameter, factor)
+        else:
+            maps = predict_model(member.model, prepared[key], valid, side)
+        for k, v in maps.items():
             v = (v > 0.5).float() if vote else v
             sums[k] = sums[k] + v if k in sums else v
             counts[k] = counts.get(k, 0) + 1

@@ -36,8 +36,9 @@ from rle import labels_to_rows, write_submission
 from tuning import grid_for, resolve_post, tune, tuned_path, write_tuned
 
 CHECKPOINT_SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt")
-# [pre] keys that change what the network is fed at prediction time (width: with pred_orig_size off)
-PRE_AT_PREDICTION = ("stretch", "clahe", "width")
+# [pre] keys that change what the network is fed at prediction time (width: with pred_orig_size off;
+# nucleus_diameter: with size_norm on)
+PRE_AT_PREDICTION = ("stretch", "clahe", "width", "size_norm", "nucleus_diameter")
 FIGURES = "out/figures"
 
 
@@ -133,6 +134,8 @@ def load_members(paths: list[Path], cfg: Config, device, override_pre: bool) -> 
             saved = (state.get("config") or {}).get("pre", {}).get(key)
             if key == "width" and ours.valid.pred_orig_size:
                 continue  # the width matters only when images are resized to it
+            if key == "nucleus_diameter" and not ours.pre.size_norm:
+                continue  # the diameter matters only when images are brought to it
             if source is not None and saved is not None and saved != getattr(cfg.pre, key) and not override_pre:
                 raise InputError(f"{source}: [pre] {key} = {getattr(cfg.pre, key)}, but {path} was trained with "
                                  f"{saved}; remove the setting, or pass --override-pre to predict with it anyway")
@@ -238,10 +241,13 @@ def main(argv=None):
         if args.save or not show:
             folder = Path(args.save or FIGURES)
             print(f"side-by-side figures -> {folder}")
-    rows, scores, kept = [], {}, []
+    rows, scores, kept, factors = [], {}, [], {}
     for files in tqdm(samples, desc="predicting", leave=False):
         image, truth = read_sample_cached(files, cfg.target.fill_holes, cfg.dataset.cache_dir)
-        probs = predict_image(members, image, cfg.valid, device=device)
+        sizes = {}
+        probs = predict_image(members, image, cfg.valid, device=device, sizes=sizes)
+        for name, (_, factor) in sizes.items():
+            factors.setdefault(name, []).append(factor)
         if args.tune:
             if truth is None:
                 raise InputError(f"{files.folder}: --tune needs labelled images (masks/)")
@@ -265,6 +271,9 @@ def main(argv=None):
                 plt.show()
             plt.close(fig)
 
+    for name, values in factors.items():
+        print(f"size normalisation ({name}): images rescaled by {np.exp(np.mean(np.log(values))):.3f} on average "
+              f"(geometric mean; {min(values):.3f} to {max(values):.3f})")
     if args.tune:
         grid = grid_for(heads, args.keep_policy)
         best, score = tune(kept, heads, post, args.keep_policy)

@@ -13,7 +13,8 @@ far from the size it was trained on): the foreground (semantic > 0.5) is cut int
 necks of its distance transform, and a neck cuts only where the distance falls below
 `NECK_RATIO` of the lower of the two peaks it separates. The rule is relative, so a nucleus five
 times the usual size is cut exactly like a usual one, and two touching round nuclei are two. The
-median equivalent diameter of the pieces is the estimate.
+median of the pieces' equivalent diameters, each weighted by its diameter (so that the many specks
+noise leaves along the edges of large nuclei do not outvote them), is the estimate.
 """
 from __future__ import annotations
 
@@ -96,6 +97,11 @@ def estimate_diameter(semantic: np.ndarray, threshold: float = THRESHOLD) -> flo
     """Estimated median nucleus diameter (pixels) of a semantic probability map (H, W) in [0, 1],
     or None when it shows no nucleus (no piece of MIN_DIAMETER or more)."""
     pieces = split_foreground(np.asarray(semantic) > threshold)
-    diameters = equivalent_diameters(pieces)
+    diameters = np.sort(equivalent_diameters(pieces))
     diameters = diameters[diameters >= MIN_DIAMETER]
-    return float(np.median(diameters)) if diameters.size else None
+    if not diameters.size:
+        return None
+    # the median weighted by diameter: a speck counts for less than a nucleus, a large nucleus
+    # for less than its area
+    weight = np.cumsum(diameters)
+    return float(diameters[np.searchsorted(weight, weight[-1] / 2)])

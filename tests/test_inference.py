@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dataset.tiles import tile_origins
-from inference import predict_image, taper, tta_views
+from inference import Member, predict_image, taper, tta_views
 from model import build_model
 
 
@@ -91,3 +91,81 @@ def test_uint8_images_are_accepted(cfg):
     out = predict_image([PixelModel()], image, cfg.valid, 64)
     np.testing.assert_allclose(out["semantic"], expected(torch.from_numpy(image).permute(2, 0, 1) / 255.0)["semantic"],
                                atol=1e-6)
+
+
+class Recording(PixelModel):
+    """PixelModel that records the (batch, height, width) of every input it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def predict(self, x):
+        self.calls.append(tuple(x.shape[:1] + x.shape[2:]))
+        return super().predict(x)
+
+
+def bright_disks(diameter, shape):
+    """A float (3, H, W) image of bright disks on black, a grid of them one diameter apart."""
+    from tests.conftest import disk
+    mask = np.zeros(shape, bool)
+    for y in range(diameter, shape[0] - diameter // 2, 2 * diameter):
+        for x in range(diameter, shape[1] - diameter // 2, 2 * diameter):
+            mask |= disk(shape, (y, x), diameter / 2)
+    return torch.from_numpy(np.repeat(mask[None].astype(np.float32), 3, 0))
+
+
+def padded(n, stride=16):
+    return n + -n % stride
+
+
+@pytest.mark.parametrize("diameter, factor", [(40, 0.5), (10, 2.0)])
+def test_size_norm_predicts_at_the_target_size_and_returns_maps_at_the_image_size(cfg, diameter, factor):
+    shape = (200, 240)
+    image = bright_disks(diameter, shape)
+    pre = cfg.replace("pre", size_norm=True, nucleus_diameter=20).pre
+    model, sizes = Recording(), {}
+    out = predict_image([Member(model, pre, "sized")], image, cfg.valid, sizes=sizes)
+    estimated, used = sizes["sized"]
+    assert estimated == pytest.approx(diameter, rel=0.06) and used == pytest.approx(factor, rel=0.06)
+    # estimation passes without TTA (batch of one), then the four flip views at the rescaled size
+    first, *_, last = model.calls
+    assert first == (1, padded(200), padded(240))
+    h, w = round(200 * used), round(240 * used)
+    assert last == (4, padded(h), padded(w)) and all(c[0] == 1 for c in model.calls[:-1])
+    # the maps come back at the image's own size, in place: the pixel model's maps of the image up to
+    # resampling at the edges
+    for k, v in expected(image).items():
+        assert out[k].shape == shape
+        found, truth = out[k] > 0.5, v > 0.5
+        assert (found & truth).sum() / (found | truth).sum() > 0.9
+
+
+def test_a_size_normalised_member_ensembles_with_a_plain_one(cfg):
+    image = bright_disks(40, (120, 160))
+    sized = Member(Recording(), cfg.replace("pre", size_norm=True).pre, "sized")
+    plain = Member(Recording(), cfg.pre, "plain")
+    sizes = {}
+    both = predict_image([sized, plain], image, cfg.valid, sizes=sizes)
+    alone = predict_image([plain], image, cfg.valid)
+    assert set(sizes) == {"sized"} and plain.model.calls[-1] == (4, 128, 160)  # the plain one at 1:1
+    assert both["semantic"].shape == (120, 160)
+    # the plain member's share is exact; the sized member's maps differ only by resampling at the edges
+    sized_share = 2 * both["semantic"] - alone["semantic"]
+    np.testing.assert_allclose(alone["semantic"], expected(image)["semantic"], atol=1e-6)
+    assert np.abs(sized_share - alone["semantic"]).mean() < 0.02
+
+
+def test_an_image_without_nuclei_is_predicted_as_it_is(cfg):
+    image = torch.zeros(3, 64, 80)
+    model, sizes = Recording(), {}
+    out = predict_image([Member(model, cfg.replace("pre", size_norm=True).pre, "m")], image, cfg.valid, sizes=sizes)
+    assert sizes["m"] == (None, 1.0) and model.calls == [(1, 64, 80), (4, 64, 80)]
+    np.testing.assert_allclose(out["semantic"], expected(image)["semantic"], atol=1e-6)
+
+
+def test_size_norm_refuses_the_resize_to_width(cfg):
+    from config import InputError
+    member = Member(PixelModel(), cfg.replace("pre", size_norm=True).pre, "ckpt.pkl")
+    with pytest.raises(InputError, match="ckpt.pkl was trained with \\[pre\\] size_norm.*pred_orig_size = True"):
+        predict_image([member], torch.rand(3, 32, 32), cfg.replace("valid", pred_orig_size=False).valid)

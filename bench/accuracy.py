@@ -5,6 +5,7 @@
     python3 bench/accuracy.py --config my.ini --budget 60 --data path/to/stage1_train
     python3 bench/accuracy.py --from-run cpu_recipe --config configs/ablation/no_tta.ini --name no_tta
     python3 bench/accuracy.py --config configs/cpu_recipe_v3.ini --config configs/ablation/caunet.ini
+    python3 bench/accuracy.py --config configs/cpu_recipe_v5.ini --budget 20 --scales 3 0.5  # + size test set
 
 On a DSB2018-layout folder (default ../shared/data/dsb2018/stage1_train) it makes a seeded
 validation split (10 % of the images; --split-seed, 0 by default, so every row of one seed sees the
@@ -16,6 +17,13 @@ docs/results.csv): config, split seed, budget, machine, epochs reached, mean DSB
 per image type, F1 at IoU 0.5, inference seconds per image, and the tuning grid and its choice.
 Rows made before the tune split existed (tune_protocol empty) tuned on training images.
 
+The size test set (`--scales 3 0.5`): the validation split rescaled by each factor (images with
+area averaging when they shrink and bilinear interpolation when they grow, masks with nearest
+neighbour; a nucleus that vanishes is dropped), scored like the split itself and added to the row
+as `dsb_x3`, `dsb_x0.5`. It asks how a model copes with nuclei of another size than it trained on.
+The rescaled copies are written once, in the DSB2018 layout, under `<work>/scaled/` (named by the
+split's image ids and the factor) and reused by every later row on the same split.
+
 Image types, by a simple rule on the image itself: 'fluorescence' if the three channels are
 equal and the median is below 100 (bright nuclei on a dark background); 'brightfield' if the
 channels are equal otherwise; 'tissue' if the image has colour (H&E and similar stains).
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import hashlib
 import json
 import os
 import platform
@@ -32,11 +41,12 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from atomic import atomic_path  # noqa: E402
+from atomic import atomic_dir, atomic_path  # noqa: E402
 from config import load_config  # noqa: E402
 from dataset import split_ids  # noqa: E402
 from dataset.io import list_samples, read_image, read_sample  # noqa: E402
@@ -59,6 +69,47 @@ def link_split(samples, ids: list[str], folder: Path) -> None:
     by_id = {s.id: s for s in samples}
     for sample_id in ids:
         (folder / sample_id).symlink_to(by_id[sample_id].folder.resolve())
+
+
+def scaled_name(factor: float) -> str:
+    """'x3', 'x0.5': the suffix of a size test set's folder and column."""
+    return f"x{factor:g}"
+
+
+def rescale_sample(image: np.ndarray, labels: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its instance labels rescaled by `factor`: the image with area averaging when it
+    shrinks and bilinear interpolation when it grows, the labels with nearest neighbour."""
+    h, w = labels.shape
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    return (cv2.resize(image, size, interpolation=interpolation),
+            cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST_EXACT))
+
+
+def scaled_split(samples, ids: list[str], factor: float, root: Path) -> Path:
+    """The samples `ids` rescaled by `factor`, as a DSB2018-layout folder under `root`, written once.
+
+    The folder is named by the ids and the factor and built under a temporary name (atomic_dir),
+    so an existing one is complete and is reused. One mask PNG (fast compression level 1) per nucleus
+    left after the rescale.
+    """
+    digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:10]
+    folder = root / f"valid-{digest}-{scaled_name(factor)}"
+    if folder.is_dir():
+        return folder
+    by_id = {s.id: s for s in samples}
+    png = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    with atomic_dir(folder) as tmp:
+        for sample_id in ids:
+            image, labels = rescale_sample(*read_sample(by_id[sample_id]), factor)
+            (tmp / sample_id / "images").mkdir(parents=True)
+            (tmp / sample_id / "masks").mkdir()
+            cv2.imwrite(str(tmp / sample_id / "images" / f"{sample_id}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                        png)
+            for n in np.unique(labels[labels > 0]):
+                cv2.imwrite(str(tmp / sample_id / "masks" / f"{n:05d}.png"), (labels == n).astype(np.uint8) * 255,
+                            png)
+    return folder
 
 
 def merged_settings(configs: list, work: Path) -> Path:
@@ -113,6 +164,9 @@ def main(argv=None):
     parser.add_argument("--name", help="row label (default: the config file name)")
     parser.add_argument("--valid-args", default="", help="extra valid.py arguments for tuning and scoring, "
                         "e.g. '--keep-policy'")
+    parser.add_argument("--scales", type=float, nargs="+", default=[], metavar="FACTOR",
+                        help="also score the validation split rescaled by each factor (size test set), "
+                        "as columns dsb_x<FACTOR>, e.g. --scales 3 0.5")
     parser.add_argument("--from-run", metavar="NAME", action="append", default=[],
                         help="no training: score the last checkpoint of the earlier run NAME (under --work) with "
                         "--config as extra settings; repeat it to score the ensemble of several runs")
@@ -126,6 +180,8 @@ def main(argv=None):
     name = args.name or ("classical" if args.classical
                          else "+".join(Path(c).stem for c in args.config) or "defaults")
     work = Path(args.work) / name
+    if name == "scaled":
+        raise SystemExit("error: --name scaled is the folder of the size test sets; choose another name")
     if name in args.from_run:
         raise SystemExit(f"error: --name {name} would overwrite the run it scores; choose another name")
     if work.exists():
@@ -133,6 +189,12 @@ def main(argv=None):
     link_split(samples, train_ids, work / "data" / "train")
     link_split(samples, valid_ids, work / "data" / "valid")
     link_split(samples, tune_ids, work / "data" / "tune")
+    if any(f <= 0 for f in args.scales):
+        raise SystemExit(f"error: --scales needs factors above 0, got {args.scales}")
+    scaled = {}
+    for factor in args.scales:
+        scaled[factor] = scaled_split(samples, valid_ids, factor, Path(args.work) / "scaled")
+        (work / "data" / f"valid_{scaled_name(factor)}").symlink_to(scaled[factor].resolve())
     if args.from_run:
         source = Path(args.work) / args.from_run[0]
         settings = merged_settings([source / "settings.ini", *args.config], work)
@@ -155,6 +217,10 @@ def main(argv=None):
         per_image = pd.DataFrame({"image_id": list(scores), "dsb": [v.dsb for v in scores.values()],
                                   "f1": [v.f1 for v in scores.values()]})
         seconds = (time.perf_counter() - start) / len(scores)
+        scaled_dsb = {}
+        for factor, folder in scaled.items():
+            scaled_dsb[factor] = float(np.mean([match(truth, classical(image, cfg)).dsb
+                                                for image, truth in map(read_sample, list_samples(folder))]))
     else:
         import train
         import valid
@@ -181,6 +247,12 @@ def main(argv=None):
                     *args.valid_args.split()])
         seconds = (time.perf_counter() - start) / len(valid_ids)
         per_image = pd.read_csv(work / "scores.csv")
+        scaled_dsb = {}
+        for factor in scaled:
+            name_x = scaled_name(factor)
+            valid.main([*ckpts, "--dataset", f"valid_{name_x}", "--scores", str(work / f"scores_{name_x}.csv"),
+                        "--config", str(settings), *args.valid_args.split()])
+            scaled_dsb[factor] = float(pd.read_csv(work / f"scores_{name_x}.csv")["dsb"].mean())
         from tuning import tuned_path
         record = json.loads(tuned_path(ckpts[0]).read_text())
         tuned = {k: record[k] for k in record["grid"]}
@@ -197,6 +269,8 @@ def main(argv=None):
         part = per_image[per_image["type"] == kind]
         row[f"dsb_{kind}"] = part["dsb"].mean() if len(part) else float("nan")
         row[f"n_{kind}"] = len(part)
+    for factor, value in scaled_dsb.items():
+        row[f"dsb_{scaled_name(factor)}"] = value
     append_row(Path(args.results), row)
     print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     return row

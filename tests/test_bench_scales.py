@@ -1,0 +1,52 @@
+"""bench/accuracy.py --scales: the size test set on the bundled sample (tiny settings)."""
+import sys
+
+import pandas as pd
+import pytest
+
+from dataset.io import list_samples, read_image, read_sample
+from tests.conftest import REPO, SAMPLE
+from tests.test_bench_accuracy import TINY
+
+sys.path.insert(0, str(REPO / "bench"))
+import accuracy  # noqa: E402
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "unet.ini").write_text(TINY.format(model="unet"))
+    return tmp_path
+
+
+def run(*args):
+    return accuracy.main(["--data", str(SAMPLE), "--work", "work", "--results", "results.csv",
+                          "--tune-images", "2", "--scales", "3", "0.5", *args])
+
+
+def test_rescaled_validation_copies_are_scored_into_their_own_columns(bench):
+    row = run("--config", "unet.ini", "--budget", "5")
+    assert 0 <= row["dsb_x3"] <= 1 and 0 <= row["dsb_x0.5"] <= 1
+    table = pd.read_csv("results.csv")
+    assert {"dsb_x3", "dsb_x0.5"} <= set(table.columns)
+    valid_id = next((bench / "work" / "unet" / "data" / "valid").iterdir()).name
+    original = next(s for s in list_samples(SAMPLE) if s.id == valid_id)
+    h, w = read_image(original.image_path).shape[:2]
+    _, truth = read_sample(original)
+    for factor, name in ((3, "x3"), (0.5, "x0.5")):
+        folder = bench / "work" / "unet" / "data" / f"valid_{name}"
+        (sample,) = list_samples(folder)
+        image, labels = read_sample(sample)  # the reader refuses a mask of another size than its image
+        assert sample.id == valid_id and image.shape[:2] == (round(h * factor), round(w * factor))
+        # nearest neighbour keeps every nucleus at x3; at x0.5 only specks may vanish
+        assert labels.max() == truth.max() if factor == 3 else truth.max() * 0.8 <= labels.max() <= truth.max()
+        assert (labels > 0).sum() == pytest.approx((truth > 0).sum() * factor ** 2, rel=0.05)
+        assert pd.read_csv(bench / "work" / "unet" / f"scores_{name}.csv")["dsb"].mean() == pytest.approx(
+            row[f"dsb_{name}"])
+    # the copies are written once: a second row on the same split reuses them
+    copies = sorted((bench / "work" / "scaled").iterdir())
+    stamp = [p.stat().st_mtime_ns for p in copies]
+    classical = run("--classical")
+    assert sorted((bench / "work" / "scaled").iterdir()) == copies
+    assert [p.stat().st_mtime_ns for p in copies] == stamp
+    assert 0 <= classical["dsb_x3"] <= 1 and list(pd.read_csv("results.csv")["name"]) == ["unet", "classical"]

@@ -32,6 +32,9 @@ def _distance_to_zero(mask: np.ndarray) -> np.ndarray:
     distance is a whole number of pixels squared, so rounding it gives back the exact value every time.
     """
     distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    # float64: a mask without a False pixel gets OpenCV's huge 'infinite' distance, whose square
+    # does not fit a float32
+    distance = distance.astype(np.float64)
     return np.sqrt(np.rint(distance * distance)).astype(np.float32)
 
 

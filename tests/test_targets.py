@@ -131,3 +131,12 @@ def test_distance_transform_is_repeatable_and_exact():
     assert all(np.array_equal(runs[0], r) for r in runs[1:])
     from scipy import ndimage
     np.testing.assert_array_equal(runs[0], ndimage.distance_transform_edt(mask).astype(np.float32))
+
+
+def test_distance_transform_of_a_mask_without_background_warns_nothing():
+    import warnings
+    from dataset.targets import _distance_to_zero
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distance = _distance_to_zero(np.ones((5, 6), bool))
+    assert np.isfinite(distance).all() and distance.min() > 1000

@@ -47,7 +47,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from atomic import atomic_dir, atomic_path  # noqa: E402
-from config import load_config  # noqa: E402
+from config import InputError, load_config  # noqa: E402
 from dataset import split_ids  # noqa: E402
 from dataset.io import list_samples, read_image, read_sample  # noqa: E402
 from metrics import match  # noqa: E402
@@ -99,16 +99,21 @@ def scaled_split(samples, ids: list[str], factor: float, root: Path) -> Path:
         return folder
     by_id = {s.id: s for s in samples}
     png = [cv2.IMWRITE_PNG_COMPRESSION, 1]
-    with atomic_dir(folder) as tmp:
-        for sample_id in ids:
-            image, labels = rescale_sample(*read_sample(by_id[sample_id]), factor)
-            (tmp / sample_id / "images").mkdir(parents=True)
-            (tmp / sample_id / "masks").mkdir()
-            cv2.imwrite(str(tmp / sample_id / "images" / f"{sample_id}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                        png)
-            for n in np.unique(labels[labels > 0]):
-                cv2.imwrite(str(tmp / sample_id / "masks" / f"{n:05d}.png"), (labels == n).astype(np.uint8) * 255,
-                            png)
+    try:
+        with atomic_dir(folder) as tmp:
+            for sample_id in ids:
+                image, labels = rescale_sample(*read_sample(by_id[sample_id]), factor)
+                (tmp / sample_id / "images").mkdir(parents=True)
+                (tmp / sample_id / "masks").mkdir()
+                cv2.imwrite(str(tmp / sample_id / "images" / f"{sample_id}.png"),
+                            cv2.cvtColor(image, cv2.COLOR_RGB2BGR), png)
+                for n in np.unique(labels[labels > 0]):
+                    cv2.imwrite(str(tmp / sample_id / "masks" / f"{n:05d}.png"),
+                                (labels == n).astype(np.uint8) * 255, png)
+    except InputError:
+        if not folder.is_dir():
+            raise
+        # a row started at the same time on the same split wrote the same copies first: use theirs
     return folder
 
 

@@ -1,4 +1,5 @@
 """bench/accuracy.py --scales: the size test set on the bundled sample (tiny settings)."""
+import contextlib
 import sys
 
 import pandas as pd
@@ -50,3 +51,22 @@ def test_rescaled_validation_copies_are_scored_into_their_own_columns(bench):
     assert sorted((bench / "work" / "scaled").iterdir()) == copies
     assert [p.stat().st_mtime_ns for p in copies] == stamp
     assert 0 <= classical["dsb_x3"] <= 1 and list(pd.read_csv("results.csv")["name"]) == ["unet", "classical"]
+
+
+def test_two_rows_started_together_share_the_copies(tmp_path, monkeypatch):
+    """A second row that finishes writing the copies after the first one uses the first one's."""
+    samples = [s for s in list_samples(SAMPLE)][:2]
+    ids = [s.id for s in samples]
+    real_atomic_dir = accuracy.atomic_dir
+
+    @contextlib.contextmanager
+    def racing(path, replace=False):
+        with real_atomic_dir(path, replace) as ours:
+            # the other row renames its finished copy into place while this one is still writing
+            with real_atomic_dir(path) as theirs:
+                (theirs / "marker").write_text("written by the other row")
+            yield ours
+    monkeypatch.setattr(accuracy, "atomic_dir", racing)
+    folder = accuracy.scaled_split(samples, ids, 0.5, tmp_path)
+    assert (folder / "marker").read_text() == "written by the other row"
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temporary folder left behind

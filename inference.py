@@ -227,7 +227,7 @@ def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int,
         semantic = predict_model(model, rescale_image(image, size), quick, width)["semantic"]
         seen = estimate_diameter(semantic.float().cpu().numpy())
         if seen is None:
-            break  # nothing at this scale: keep the last factor that saw nuclei
+            break  # no nucleus at this scale: the last estimate stands (none at all: factor 1)
         diameter = seen / math.sqrt(size[0] * size[1] / (h * w))
         previous, factor = factor, size_factor(diameter, target)
         if abs(math.log(seen / target)) <= math.log(SIZE_TOLERANCE) or factor == previous:

@@ -210,19 +210,19 @@ def resize_maps(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.reshape(*x.shape[:-2], *size)
 
 
-def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int,
-                   target: float) -> tuple[float | None, float]:
+def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int, target: float,
+                   passes: int = SIZE_PASSES) -> tuple[float | None, float]:
     """(estimated median nucleus diameter in the image's own pixels, or None when no pass saw a
     nucleus; the rescale factor that brings it to `target`, clamped as `dataset.sizes.size_factor`).
 
     Passes without TTA: the first at the image's own scale, each further one at the factor the last
-    estimate gave (see SIZE_PASSES). An image far from the network's scale, whose first estimate
-    is off, is thus measured again nearer the right scale before it is predicted.
+    estimate gave, `passes` at most (see SIZE_PASSES). An image far from the network's scale, whose
+    first estimate is off, is thus measured again nearer the right scale before it is predicted.
     """
     quick = dataclasses.replace(valid, test_time_augment=False, tta_rotate=False)
     h, w = image.shape[-2:]
     diameter, factor = None, 1.0
-    for _ in range(SIZE_PASSES):
+    for _ in range(passes):
         size = scaled_size(h, w, factor)
         semantic = predict_model(model, rescale_image(image, size), quick, width)["semantic"]
         seen = estimate_diameter(semantic.float().cpu().numpy())

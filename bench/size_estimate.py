@@ -3,16 +3,20 @@
     python3 bench/size_estimate.py                                  # stage1_train, blur 1.5 px
     python3 bench/size_estimate.py --scales 0.5 3 5 --every 4       # nuclei half, 3 and 5 times as large
     python3 bench/size_estimate.py --noise 0.15                     # a ragged, speckled map
+    python3 bench/size_estimate.py --checkpoint ckpt.pkl --data DIR # a trained network's own maps
 
 For every image of a DSB2018-layout folder (default ../shared/data/dsb2018/stage1_train) the true
 median nucleus diameter is measured from its masks (`median_diameter`, the number training's
-size normalisation uses). A stand-in for a network's semantic map is made from the same masks:
-the foreground, optionally rescaled by a factor (labels with nearest neighbour), blurred with a
-Gaussian of --blur pixels and, with --noise, plus smooth random noise of that standard deviation,
-then thresholded at 0.5 by the estimator. Touching nuclei stay touching, so the estimator has to
-cut them apart itself. Prints, per scale, the ratio estimate / truth: its median, the share of
-images within 10 % and 20 %, its 5th and 95th percentiles and the worst image, and the seconds per
-image. No torch.
+size normalisation uses). Without --checkpoint, a stand-in for a network's semantic map is made
+from the same masks: the foreground, optionally rescaled by a factor (labels with nearest
+neighbour), blurred with a Gaussian of --blur pixels and, with --noise, plus smooth random noise of
+that standard deviation, then thresholded at 0.5 by the estimator. Touching nuclei stay touching,
+so the estimator has to cut them apart itself. With --checkpoint, the image itself is rescaled
+(area averaging when it shrinks, bilinear when it grows) and the estimate comes from the
+network's semantic map as prediction makes it (`inference.estimate_scale`): after the first pass
+at the image's own scale, and after all the passes. Prints, per scale, the ratio estimate /
+truth: its median, the share of images within 10 % and 20 %, its 5th and 95th percentiles and
+the worst image, and the seconds per image. Torch is imported only for --checkpoint.
 """
 from __future__ import annotations
 
@@ -42,12 +46,52 @@ def stand_in_map(labels: np.ndarray, blur: float, noise: float, rng: np.random.G
     return np.clip(semantic, 0, 1)
 
 
+def rescaled(image: np.ndarray, labels: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    if factor == 1:
+        return image, labels
+    size = (max(1, round(labels.shape[1] * factor)), max(1, round(labels.shape[0] * factor)))
+    interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    return (cv2.resize(image, size, interpolation=interpolation),
+            cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST_EXACT))
+
+
+def network(checkpoint: str):
+    """A function image -> (first-pass estimate, all-passes estimate), from a checkpoint."""
+    import torch
+    from config import load_config, under_saved
+    from inference import Member, estimate_scale, member_input
+    from model.checkpoint import load_model
+
+    torch.set_grad_enabled(False)
+    model, state = load_model(checkpoint)
+    cfg, _ = under_saved(load_config(user_path=None), state.get("config") or {}, checkpoint)
+    member = Member(model.eval(), cfg.pre, Path(checkpoint).name)
+
+    def estimates(image: np.ndarray) -> tuple[float | None, float | None]:
+        x = member_input(member, image)
+        first = estimate_scale(model, x, cfg.valid, cfg.pre.width, cfg.pre.nucleus_diameter, passes=1)[0]
+        return first, estimate_scale(model, x, cfg.valid, cfg.pre.width, cfg.pre.nucleus_diameter)[0]
+    return estimates
+
+
+def summary(label: str, found: list[tuple[str, float, float | None]], seconds: float) -> str:
+    """One line on (id, truth, estimate) triples; a missing estimate counts as ratio 0."""
+    r = np.array([(e or 0.0) / t for _, t, e in found])
+    log_err = np.abs(np.log(np.maximum(r, 1e-3)))
+    worst = int(np.argmax(log_err))
+    return (f"{label}: {len(r)} images; estimate / truth: median {np.median(r):.3f}, "
+            f"within 10 % {np.mean(log_err <= np.log(1.1)):.3f}, within 20 % {np.mean(log_err <= np.log(1.2)):.3f}, "
+            f"5th-95th percentile {np.percentile(r, 5):.3f}-{np.percentile(r, 95):.3f}, worst {r[worst]:.3f} "
+            f"({found[worst][0][:12]}, true diameter {found[worst][1]:.1f}); {seconds / len(r):.3f} s per image")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="DSB2018-layout folder")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="rescale factors of the masks")
     parser.add_argument("--blur", type=float, default=1.5, help="Gaussian sigma of the stand-in map, pixels")
     parser.add_argument("--noise", type=float, default=0.0, help="standard deviation of the map's noise")
+    parser.add_argument("--checkpoint", help="estimate from this trained network's maps instead")
     parser.add_argument("--every", type=int, default=1, help="use every n-th image (sorted by id)")
     parser.add_argument("--max-pixels", type=float, default=16e6,
                         help="skip an image whose rescaled copy has more pixels than this")
@@ -55,37 +99,34 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     samples = [s for s in list_samples(args.data) if s.mask_paths is not None][::args.every]
-    rows = {}
+    estimates = network(args.checkpoint) if args.checkpoint else None
+    lines = []
     for factor in args.scales:
         rng = np.random.default_rng(0)
-        ratios, seconds, worst = [], 0.0, None
+        found, first, seconds = [], [], 0.0
         for files in samples:
-            _, labels = read_sample_cached(files, True, args.cache)
+            image, labels = read_sample_cached(files, True, args.cache)
             if labels.size * factor ** 2 > args.max_pixels:
                 continue
-            if factor != 1:
-                size = (max(1, round(labels.shape[1] * factor)), max(1, round(labels.shape[0] * factor)))
-                labels = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST_EXACT)
+            image, labels = rescaled(image, labels, factor)
             truth = median_diameter(labels)
             if truth is None:
                 continue
-            semantic = stand_in_map(labels, args.blur, args.noise, rng)
             start = time.perf_counter()
-            estimate = estimate_diameter(semantic)
+            if estimates is None:
+                found.append((files.id, truth, estimate_diameter(stand_in_map(labels, args.blur, args.noise, rng))))
+            else:
+                one, every = estimates(image)
+                first.append((files.id, truth, one))
+                found.append((files.id, truth, every))
             seconds += time.perf_counter() - start
-            ratio = (estimate or 0.0) / truth
-            ratios.append(ratio)
-            if worst is None or abs(np.log(max(ratio, 1e-3))) > abs(np.log(max(worst[1], 1e-3))):
-                worst = (files.id, ratio, truth)
-        r = np.array(ratios)
-        log_err = np.abs(np.log(np.maximum(r, 1e-3)))
-        rows[factor] = r
-        print(f"scale {factor:g}: {len(r)} images, blur {args.blur:g}, noise {args.noise:g}; estimate / truth: "
-              f"median {np.median(r):.3f}, within 10 % {np.mean(log_err <= np.log(1.1)):.3f}, "
-              f"within 20 % {np.mean(log_err <= np.log(1.2)):.3f}, 5th-95th percentile "
-              f"{np.percentile(r, 5):.3f}-{np.percentile(r, 95):.3f}, worst {worst[1]:.3f} ({worst[0][:12]}, "
-              f"true diameter {worst[2]:.1f}); {seconds / len(r):.3f} s per image", flush=True)
-    return rows
+        if estimates is None:
+            lines.append(summary(f"scale {factor:g}, blur {args.blur:g}, noise {args.noise:g}", found, seconds))
+        else:
+            lines.append(summary(f"scale {factor:g}, {Path(args.checkpoint).name}, first pass", first, seconds))
+            lines.append(summary(f"scale {factor:g}, {Path(args.checkpoint).name}, all passes", found, seconds))
+        print("\n".join(lines[-2 if estimates else -1:]), flush=True)
+    return lines
 
 
 if __name__ == "__main__":

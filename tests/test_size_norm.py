@@ -69,3 +69,13 @@ def test_a_nucleus_diameter_that_contradicts_the_checkpoint_is_refused(trained, 
     with pytest.raises(InputError, match=r"other.ini: \[pre\] nucleus_diameter = 30.0, but ckpt/best.pkl was "
                                          r"trained with 24.0"):
         valid.main(["ckpt/best.pkl", "--dataset", "valid", "--config", "other.ini", "--no-figures"])
+
+
+def test_size_norm_with_the_resize_to_width_is_refused_in_one_line(tmp_path):
+    from config import ConfigError, load_config
+    (tmp_path / "both.ini").write_text("[pre]\nsize_norm = True\n[valid]\npred_orig_size = False\n")
+    with pytest.raises(ConfigError, match=r"both.ini: \[pre\] size_norm .* needs \[valid\] pred_orig_size = True"):
+        load_config(tmp_path / "both.ini", user_path=None)
+    (tmp_path / "range.ini").write_text("[pre]\nnucleus_diameter = 2\n")
+    with pytest.raises(ConfigError, match=r"range.ini: \[pre\] nucleus_diameter: 2.0 is below the minimum 4"):
+        load_config(tmp_path / "range.ini", user_path=None)

@@ -209,6 +209,7 @@ def main(argv=None):
     types = {s.id: image_type(read_image(s.image_path)) for s in samples if s.id in set(valid_ids)}
 
     import torch
+    from engine import cpu_bf16_units, cpu_model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     epochs = 0
     start = time.perf_counter()
@@ -265,7 +266,9 @@ def main(argv=None):
     per_image["type"] = per_image["image_id"].map(types)
     config = " + ".join([f"run {run}" for run in args.from_run] + args.config) or "-"
     row = {"name": name, "config": config, "budget_min": 0 if args.classical else args.budget,
-           "machine": f"{os.cpu_count()} cores, {device}, {platform.machine()}", "epochs": epochs,
+           "machine": f"{os.cpu_count()} cores, {device}, {platform.machine()}", "cpu": cpu_model(),
+           "bf16_units": " ".join(k for k, v in cpu_bf16_units().items() if v) or "none",
+           "threads": torch.get_num_threads(), "epochs": epochs,
            "dsb": per_image["dsb"].mean(), "f1_at_0.5": per_image["f1"].mean(),
            "seconds_per_image": seconds, "n_valid": len(per_image), "split_seed": args.split_seed,
            "tune_protocol": f"{len(tune_ids)} held-out images", "tuned": json.dumps(tuned, sort_keys=True),

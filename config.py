@@ -379,7 +379,9 @@ def load_and_report(extra: str | os.PathLike | None = None) -> Config:
 
 
 def run_main(main, argv=None):
-    """Call main(argv); an InputError becomes one line on stderr and exit status 2.
+    """Call main(argv); an InputError becomes one line on stderr and exit status 2, and Ctrl-C
+    (KeyboardInterrupt) one line and exit status 130. Every output is renamed into place only
+    when complete, so an interrupted run leaves whole files or none.
 
     Under IPython's %run a SystemExit is reported and the kernel keeps running.
     """
@@ -388,3 +390,6 @@ def run_main(main, argv=None):
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("error: interrupted; files already written are complete, nothing is half-written", file=sys.stderr)
+        raise SystemExit(130) from None

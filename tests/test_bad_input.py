@@ -182,3 +182,32 @@ def test_valid_with_a_garbage_checkpoint(work):
     result = run_script("valid.py", ["garbage.pkl", "--dataset", "test", "--config", "ok.ini",
                                      "--csv", "sub.csv"], work)
     assert_refused(result, before, work, "garbage.pkl")
+
+
+def test_an_interrupted_training_run_leaves_whole_checkpoints_and_resumes(work):
+    """Ctrl-C mid-run: one line, exit 130, no temporary file, and the latest checkpoint resumes."""
+    import signal
+    import time
+    from model.checkpoint import latest_checkpoint, read_checkpoint
+    (work / "data" / "stage1_train").rename(work / "data" / "train")
+    # one training image: 32-pixel crops keep batch norm's deepest maps above one value
+    (work / "long.ini").write_text(SETTINGS.replace("n_cv_epoch = 1", "n_cv_epoch = 1\nn_ckpt_epoch = 1\nn_worker = 0")
+                                   .replace("width = 16", "width = 32"))
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--epoch", "100000", "--quiet",
+                             "--config", "long.ini"], cwd=work, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.time() + 240
+    while not (work / "ckpt" / "ckpt-2.pkl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["error: interrupted; files already written are complete, "
+                                           "nothing is half-written"]
+    folder = work / "ckpt"
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+    state = read_checkpoint(latest_checkpoint(folder))
+    assert state["epoch"] >= 2 and not state["run"]["finished"]
+    result = run_script("train.py", ["--epoch", str(state["epoch"] + 1), "--quiet", "--config", "long.ini"], work)
+    assert result.returncode == 0, result.stderr
+    assert read_checkpoint(latest_checkpoint(folder))["epoch"] == state["epoch"] + 1

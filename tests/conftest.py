@@ -48,6 +48,23 @@ def run_in_kernel(workdir: Path, cells: list[str]) -> list[dict]:
         manager.shutdown_kernel(now=True)
 
 
+def train_on_sample(work: Path, settings: str, root: str = "mydata") -> Path:
+    """Train in `work` with `settings` (an INI text saved as work/train.ini) on the bundled sample,
+    linked as work/<root>/train; returns `work`."""
+    import os
+    import train
+    (work / root).mkdir()
+    (work / root / "train").symlink_to(SAMPLE)
+    (work / "train.ini").write_text(settings)
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        train.main(["--config", "train.ini", "--quiet", "--no-resume"])
+    finally:
+        os.chdir(old)
+    return work
+
+
 @pytest.fixture
 def cfg(tmp_path):
     """The default settings, ignoring any ./config.ini, with the sample cache in tmp_path."""

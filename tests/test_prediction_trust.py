@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import train
 import valid
 from config import InputError, load_config
 from inference import Member, predict_image, tile_layout
 from model.checkpoint import read_checkpoint
-from tests.conftest import REPO, SAMPLE
+from tests.conftest import REPO, train_on_sample
 
 # a model that learns enough in a few seconds to find nuclei (DSB above 0), trained with a
 # contrast stretch, a non-default data folder and a non-default [post] threshold: all of them
@@ -48,17 +47,7 @@ threshold = 0.3
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    work = tmp_path_factory.mktemp("trust")
-    (work / "mydata").mkdir()
-    (work / "mydata" / "train").symlink_to(SAMPLE)
-    (work / "train.ini").write_text(SETTINGS)
-    old = os.getcwd()
-    os.chdir(work)
-    try:
-        train.main(["--config", "train.ini", "--quiet", "--no-resume"])
-    finally:
-        os.chdir(old)
-    return work
+    return train_on_sample(tmp_path_factory.mktemp("trust"), SETTINGS)
 
 
 @pytest.fixture

@@ -1,13 +1,11 @@
 """Size normalisation end to end: a checkpoint trained with [pre] size_norm predicts size-normalised
 in training's validation pass and in valid.py, with the same score."""
-import os
 
 import pytest
 
-import train
 import valid
 from model.checkpoint import read_checkpoint
-from tests.conftest import SAMPLE
+from tests.conftest import train_on_sample
 
 SETTINGS = """
 [model]
@@ -36,17 +34,7 @@ cache_dir = cache
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    work = tmp_path_factory.mktemp("sized")
-    (work / "mydata").mkdir()
-    (work / "mydata" / "train").symlink_to(SAMPLE)
-    (work / "train.ini").write_text(SETTINGS)
-    old = os.getcwd()
-    os.chdir(work)
-    try:
-        train.main(["--config", "train.ini", "--quiet", "--no-resume"])
-    finally:
-        os.chdir(old)
-    return work
+    return train_on_sample(tmp_path_factory.mktemp("sized"), SETTINGS)
 
 
 def test_training_score_of_a_size_normalised_checkpoint_equals_valid(trained, monkeypatch, capsys):

@@ -341,6 +341,9 @@ def main(argv=None):
     writer = SummaryWriter(cfg.train.log_dir)
     first_epoch = epoch if step else epoch + 1
     started = time.monotonic()
+    trained_images, trained_seconds = 0, 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     def elapsed() -> float:
         """Seconds this run has spent training, validating and saving, over all its invocations."""
@@ -357,6 +360,8 @@ def main(argv=None):
             stats, step = train_one_epoch(model, train_loader, optimizer, cfg, device, epoch, scaler,
                                           lambda: plan.spent(elapsed()), show_progress=not args.quiet,
                                           first_step=first_step, before_step=before_step)
+            trained_images += min(len(order), (step - first_step) * cfg.train.n_batch)
+            trained_seconds += stats.get("time", 0.0) * (step - first_step)
             cut = step < batches
             step = step if cut else 0
             stopped = plan.spent(elapsed())
@@ -402,6 +407,11 @@ def main(argv=None):
     finally:
         writer.close()
     print(f"Training finished at epoch {epoch}; checkpoints in {ckpt_dir}")
+    if trained_seconds > 0:
+        memory = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+                  if device.type == "cuda" else "")
+        print(f"Throughput: {trained_images / trained_seconds:.1f} training images/s (loading included, "
+              f"validation left out){memory}")
     return epoch
 
 

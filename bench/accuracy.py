@@ -266,7 +266,8 @@ def main(argv=None):
     per_image["type"] = per_image["image_id"].map(types)
     config = " + ".join([f"run {run}" for run in args.from_run] + args.config) or "-"
     row = {"name": name, "config": config, "budget_min": 0 if args.classical else args.budget,
-           "machine": f"{os.cpu_count()} cores, {device}, {platform.machine()}", "cpu": cpu_model(),
+           "machine": f"{os.cpu_count()} cores, {device}, {platform.machine()}"
+                      + (f", {torch.cuda.get_device_name(0)}" if device == "cuda" else ""), "cpu": cpu_model(),
            "bf16_units": " ".join(k for k, v in cpu_bf16_units().items() if v) or "none",
            "threads": torch.get_num_threads(), "epochs": epochs,
            "dsb": per_image["dsb"].mean(), "f1_at_0.5": per_image["f1"].mean(),

@@ -1,9 +1,12 @@
-"""DSB2018 run-length encoding and the submission CSV (``ImageId,EncodedPixels``).
+"""Run-length encoding and the submission CSVs: DSB2018 (``ImageId,EncodedPixels``, one row per
+nucleus) and the Dice challenge (``img,pixels``, one row per image, its semantic mask).
 
 Pixels are numbered from 1 in column-major order: down the first column, then down the second,
-and so on. A run is a pair (start, length); a mask is encoded as the flat list
-``[start1, length1, start2, length2, ...]`` with runs sorted by start and not overlapping, and
-written as the string ``"start1 length1 start2 length2"``. No torch here.
+and so on (``order="column"``, the rule both challenges write down). ``order="row"`` numbers them
+along each row instead, as NumPy's default ``flatten()`` does (the Dice challenge's sample code
+does that, against its own written rule). A run is a pair (start, length); a mask is encoded as
+the flat list ``[start1, length1, start2, length2, ...]`` with runs sorted by start and not
+overlapping, and written as the string ``"start1 length1 start2 length2"``. No torch here.
 """
 from __future__ import annotations
 
@@ -18,15 +21,26 @@ from atomic import atomic_path
 from config import InputError
 
 HEADER = ("ImageId", "EncodedPixels")
+DICE_HEADER = ("img", "pixels")
+# pixel numbering: "column" = top to bottom, then left to right; "row" = left to right, then down
+ORDERS = {"column": "F", "row": "C"}
 
 
-def rle_encode(mask: np.ndarray) -> list[int]:
+def _numpy_order(order: str) -> str:
+    try:
+        return ORDERS[order]
+    except KeyError:
+        raise ValueError(f"pixel order {order!r} is not one of {', '.join(ORDERS)}") from None
+
+
+def rle_encode(mask: np.ndarray, order: str = "column") -> list[int]:
     """Runs of a mask (H, W) (bool, or any array where non-zero is inside) as flat [start, length, ...]
-    with 1-based column-major starts, sorted by start. An empty mask gives []."""
+    with 1-based starts, sorted by start; pixels numbered in `order` ("column": down each column,
+    the default; "row": along each row). An empty mask gives []."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"rle_encode: expected a mask (H, W), got shape {mask.shape}")
-    flat = mask.ravel(order="F") != 0
+    flat = mask.ravel(order=_numpy_order(order)) != 0
     # padding with a 0 on both sides makes every run have one rise and one fall in the diff
     padded = np.concatenate(([False], flat, [False])).astype(np.int8)
     edges = np.diff(padded)
@@ -75,8 +89,9 @@ def _parse_runs(runs: Sequence[int] | str) -> np.ndarray:
     return pairs
 
 
-def rle_decode(runs: Sequence[int] | str, shape: tuple[int, int]) -> np.ndarray:
-    """Mask bool (H, W) from runs given as a flat list [start, length, ...] or a string "1 3 10 2".
+def rle_decode(runs: Sequence[int] | str, shape: tuple[int, int], order: str = "column") -> np.ndarray:
+    """Mask bool (H, W) from runs given as a flat list [start, length, ...] or a string "1 3 10 2",
+    pixels numbered in `order` (see `rle_encode`).
 
     Runs must be integer pairs, 1-based, inside the H*W pixels, sorted and not overlapping (runs
     that touch are accepted); anything else is a ValueError saying what is wrong.
@@ -96,7 +111,7 @@ def rle_decode(runs: Sequence[int] | str, shape: tuple[int, int]) -> np.ndarray:
     steps[pairs[:, 0] - 1] += 1
     steps[pairs[:, 0] - 1 + pairs[:, 1]] -= 1
     flat = np.cumsum(steps[:-1], dtype=np.int32) > 0
-    return flat.reshape((height, width), order="F")
+    return flat.reshape((height, width), order=_numpy_order(order))
 
 
 def rle_to_string(runs: Sequence[int]) -> str:
@@ -142,19 +157,34 @@ def write_submission(path: str | os.PathLike, rows: Iterable[tuple[str, str | Se
     """Write rows (image_id, runs as a string or a flat list) as a CSV with the header
     ``ImageId,EncodedPixels``. Written under a temporary name in the same folder and renamed into
     place, so `path` holds either its old content or the whole new file, never a part."""
+    _write_csv(path, HEADER, rows)
+
+
+def _write_csv(path, header: tuple[str, str], rows) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(HEADER)
+        writer.writerow(header)
         for image_id, runs in rows:
             writer.writerow((image_id, runs if isinstance(runs, str) else rle_to_string(runs)))
 
 
-def read_submission(path: str | os.PathLike) -> dict[str, list[list[int]]]:
-    """Read a submission CSV: {image_id: [runs of each nucleus, in file order]}, where an image
-    given only by empty rows maps to []. Checks the header, each row's runs (as `rle_decode` does,
-    bar the image size), and that no two nuclei of one image share a pixel; a bad file is an
-    InputError naming it."""
-    path = Path(path)
+def semantic_row(image_id: str, labels: np.ndarray, order: str = "column") -> tuple[str, str]:
+    """The Dice challenge's row of one image: (image_id, runs of its whole foreground, labels > 0),
+    pixels numbered in `order`; an image without foreground gets (image_id, "")."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"{image_id}: expected a label map or mask (H, W), got shape {labels.shape}")
+    return image_id, rle_to_string(rle_encode(labels > 0, order))
+
+
+def write_dice_submission(path: str | os.PathLike, rows: Iterable[tuple[str, str | Sequence[int]]]) -> None:
+    """Write the Dice challenge's CSV: header ``img,pixels``, then one (image_id, runs) row per image
+    (runs as a string or a flat list; see `semantic_row`). Atomic, as `write_submission`."""
+    _write_csv(path, DICE_HEADER, rows)
+
+
+def _read_rows(path: Path, header: tuple[str, str]):
+    """(line number, image id, runs as (n, 2) pairs) of every non-blank row of a CSV with `header`."""
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             lines = list(csv.reader(fh))
@@ -162,9 +192,8 @@ def read_submission(path: str | os.PathLike) -> dict[str, list[list[int]]]:
         raise InputError(f"{path}: submission file not found") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{path}: not a readable submission CSV ({exc})") from None
-    if not lines or tuple(cell.strip() for cell in lines[0]) != HEADER:
-        raise InputError(f"{path}: expected the header {','.join(HEADER)}")
-    result: dict[str, list[list[int]]] = {}
+    if not lines or tuple(cell.strip() for cell in lines[0]) != header:
+        raise InputError(f"{path}: expected the header {','.join(header)}")
     for number, line in enumerate(lines[1:], start=2):
         if not line:
             continue  # a blank line
@@ -175,6 +204,29 @@ def read_submission(path: str | os.PathLike) -> dict[str, list[list[int]]]:
             pairs = _parse_runs(text)
         except ValueError as exc:
             raise InputError(f"{path}: line {number}: {exc}") from None
+        yield number, image_id, pairs
+
+
+def read_dice_submission(path: str | os.PathLike) -> dict[str, list[int]]:
+    """Read a Dice challenge CSV (``img,pixels``): {image_id: flat runs} (runs checked as
+    `rle_decode` checks them, bar the image size); an image named twice is an InputError."""
+    path = Path(path)
+    result: dict[str, list[int]] = {}
+    for number, image_id, pairs in _read_rows(path, DICE_HEADER):
+        if image_id in result:
+            raise InputError(f"{path}: line {number}: image {image_id} has a second row; one row per image")
+        result[image_id] = pairs.ravel().tolist()
+    return result
+
+
+def read_submission(path: str | os.PathLike) -> dict[str, list[list[int]]]:
+    """Read a submission CSV: {image_id: [runs of each nucleus, in file order]}, where an image
+    given only by empty rows maps to []. Checks the header, each row's runs (as `rle_decode` does,
+    bar the image size), and that no two nuclei of one image share a pixel; a bad file is an
+    InputError naming it."""
+    path = Path(path)
+    result: dict[str, list[list[int]]] = {}
+    for _, image_id, pairs in _read_rows(path, HEADER):
         nuclei = result.setdefault(image_id, [])
         if pairs.size:
             nuclei.append(pairs.ravel().tolist())

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from config import InputError
-from rle import (labels_to_rows, read_submission, rle_decode, rle_encode, rle_to_string,
-                 write_submission)
+from rle import (labels_to_rows, read_dice_submission, read_submission, rle_decode, rle_encode,
+                 rle_to_string, semantic_row, write_dice_submission, write_submission)
 
 
 def one_pixel(shape, row, col):
@@ -253,3 +253,78 @@ def test_read_submission_errors_name_the_file(tmp_path, text, message):
 def test_read_submission_missing_file(tmp_path):
     with pytest.raises(InputError, match="not found"):
         read_submission(tmp_path / "nope.csv")
+
+
+# --- the Dice challenge's CSV: img,pixels, one row per image, both pixel orders -----------------
+
+def test_row_order_numbers_along_rows():
+    # 2 rows x 3 columns; row order numbers   1 2 3     column order   1 3 5
+    #                                         4 5 6                    2 4 6
+    mask = np.array([[1, 1, 0],
+                     [0, 1, 1]], bool)
+    assert rle_encode(mask, "row") == [1, 2, 5, 2]
+    assert rle_encode(mask, "column") == [1, 1, 3, 2, 6, 1]
+    assert rle_encode(one_pixel((2, 3), 0, 1), "row") == [2, 1]
+    assert rle_encode(one_pixel((2, 3), 1, 0), "row") == [4, 1]
+    assert np.array_equal(rle_decode("1 2 5 2", (2, 3), "row"), mask)
+
+
+def test_row_order_equals_the_challenge_sample_flatten():
+    """The Dice challenge's sample code flattens row by row: its runs are ours with order="row"."""
+    rng = np.random.default_rng(3)
+    mask = rng.random((7, 5)) > 0.6
+    flat = np.concatenate(([0], mask.flatten().astype(int), [0]))
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    changes[1::2] -= changes[::2]
+    assert rle_encode(mask, "row") == changes.tolist()
+    for order in ("row", "column"):
+        assert np.array_equal(rle_decode(rle_encode(mask, order), mask.shape, order), mask)
+
+
+def test_unknown_order_is_refused():
+    with pytest.raises(ValueError, match="'diagonal' is not one of column, row"):
+        rle_encode(np.zeros((2, 2)), "diagonal")
+
+
+def test_semantic_row_joins_every_nucleus():
+    labels = np.zeros((3, 3), np.int32)
+    labels[0, 0] = 5
+    labels[1, 0] = 2    # touches 5: one run in column order
+    labels[0, 2] = 9
+    assert semantic_row("7", labels) == ("7", "1 2 7 1")
+    assert semantic_row("7", labels, "row") == ("7", "1 1 3 2")
+    assert semantic_row("none", np.zeros((3, 3), np.int32)) == ("none", "")
+
+
+def test_dice_submission_header_rows_and_round_trip(tmp_path):
+    path = tmp_path / "out" / "dice.csv"
+    write_dice_submission(path, [("1", "1 1 5 1"), ("2", [1, 1]), ("3", "")])
+    assert path.read_text(encoding="utf-8") == "img,pixels\n1,1 1 5 1\n2,1 1\n3,\n"
+    assert read_dice_submission(path) == {"1": [1, 1, 5, 1], "2": [1, 1], "3": []}
+    assert leftovers(path.parent, path.name) == []
+
+
+def test_dice_submission_failed_write_keeps_old_file(tmp_path):
+    path = tmp_path / "dice.csv"
+    write_dice_submission(path, [("1", "1 1")])
+    old = path.read_bytes()
+
+    def bad_rows():
+        yield ("2", "1 1")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        write_dice_submission(path, bad_rows())
+    assert path.read_bytes() == old and leftovers(tmp_path, path.name) == []
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ImageId,EncodedPixels\n1,1 1\n", "header img,pixels"),
+    ("img,pixels\n1,1 1\n1,5 1\n", "line 3: image 1 has a second row"),
+    ("img,pixels\n1,3 1 1 1\n", "line 2: .*sorted"),
+])
+def test_read_dice_submission_errors(tmp_path, text, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(InputError, match=message):
+        read_dice_submission(path)

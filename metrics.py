@@ -1,4 +1,15 @@
-"""Instance-segmentation scores for label maps: IoU matrix, DSB2018 score, precision/recall/F1, Dice.
+"""Instance-segmentation scores for label maps: IoU matrix, DSB2018 score, precision/recall/F1, Dice,
+and the scores of the other challenges (docs/predict.md works them through on examples):
+
+- `semantic_dice`: the Dice challenge's score of one image, 2|X n Y| / (|X| + |Y|) on the
+  foregrounds (labels > 0); 1 when both are empty. The challenge ranks by its mean over images.
+- `f1_border`: the NeurIPS 2022 cell segmentation rule. Every object with a pixel in the outer
+  `margin` (2) rows or columns of the image is removed from truth and prediction alike; the rest
+  are paired one to one (an optimal assignment) where IoU >= 0.5; F1 = 2 TP / (n_true + n_pred).
+- `instance_dice`: the AI-HERO time-lapse challenge's instance Dice. The pair with the highest Dice
+  (above 0.1) is matched and both objects leave the pool, again and again; the image's score is
+  the mean over matched pairs (their Dice), unmatched true objects and unmatched predicted objects
+  (0 each).
 
 A label map is an integer array (H, W): 0 is background, every other value is one object. Ids
 need not be contiguous ({3, 17, 40} is fine) and the two maps being compared need not share ids.
@@ -11,10 +22,15 @@ from typing import Mapping
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import linear_sum_assignment
 
 DSB_THRESHOLDS = np.arange(0.5, 1.0, 0.05)
 SCORE_COLUMNS = ("dsb", "precision", "recall", "f1", "dice")
 TABLE_COLUMNS = ("image_id", *SCORE_COLUMNS, "n_true", "n_pred")
+# scores computed on request (valid.py --metric), appended to the table in this order
+EXTRA_COLUMNS = ("f1_border", "instance_dice")
+BORDER_MARGIN = 2          # NeurIPS 2022: objects within 2 pixels of the image edge are left out
+INSTANCE_DICE_CUTOFF = 0.1  # AI-HERO: pairs with Dice at or below this are never matched
 
 
 @dataclass(frozen=True)
@@ -59,12 +75,11 @@ def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values.astype(np.int64), inverse.astype(np.int64) + 1
 
 
-def iou_matrix(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """IoU of every true object with every predicted object.
+def overlaps(truth: np.ndarray, pred: np.ndarray):
+    """Pixel counts of every true object, every predicted object and every pair.
 
-    truth, pred: integer label maps of the same shape (H, W), 0 = background.
-    Returns (iou float64 (n_true, n_pred) in [0, 1], true_ids int64 (n_true,), pred_ids int64
-    (n_pred,)); ids are increasing, and row i / column j of `iou` belong to true_ids[i] / pred_ids[j].
+    Returns (inter int64 (n_true, n_pred), true_area int64 (n_true,), pred_area int64 (n_pred,),
+    true_ids int64 (n_true,), pred_ids int64 (n_pred,)), ids increasing.
     """
     truth = _check_labels(truth, "truth")
     pred = _check_labels(pred, "pred")
@@ -79,6 +94,17 @@ def iou_matrix(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndar
     both = (t_index > 0) & (p_index > 0)
     codes = (t_index[both] - 1) * n_pred + (p_index[both] - 1)
     inter = np.bincount(codes, minlength=n_true * n_pred).reshape(n_true, n_pred)
+    return inter, true_area, pred_area, true_ids, pred_ids
+
+
+def iou_matrix(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of every true object with every predicted object.
+
+    truth, pred: integer label maps of the same shape (H, W), 0 = background.
+    Returns (iou float64 (n_true, n_pred) in [0, 1], true_ids int64 (n_true,), pred_ids int64
+    (n_pred,)); ids are increasing, and row i / column j of `iou` belong to true_ids[i] / pred_ids[j].
+    """
+    inter, true_area, pred_area, true_ids, pred_ids = overlaps(truth, pred)
     union = true_area[:, None] + pred_area[None, :] - inter
     # every object has area >= 1, so union >= 1 wherever the matrix has an entry
     iou = inter / np.maximum(union, 1)
@@ -126,11 +152,7 @@ def match(truth: np.ndarray, pred: np.ndarray, thresholds=DSB_THRESHOLDS) -> Ima
     recall = _ratio(tp50, n_true, both_empty)
     f1 = _ratio(2 * tp50, n_true + n_pred, both_empty)
 
-    fg_true = np.asarray(truth) > 0
-    fg_pred = np.asarray(pred) > 0
-    dice = _ratio(2 * np.count_nonzero(fg_true & fg_pred),
-                  np.count_nonzero(fg_true) + np.count_nonzero(fg_pred),
-                  both_empty=True)  # no foreground anywhere: the semantic masks agree
+    dice = semantic_dice(truth, pred)  # no foreground anywhere: the semantic masks agree (1.0)
 
     return ImageScore(
         thresholds=tuple(float(t) for t in thresholds),
@@ -139,20 +161,130 @@ def match(truth: np.ndarray, pred: np.ndarray, thresholds=DSB_THRESHOLDS) -> Ima
         n_true=n_true, n_pred=n_pred)
 
 
-def score_table(scores: Mapping[str, ImageScore]) -> pd.DataFrame:
+def semantic_dice(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Dice of the foregrounds (labels > 0, or a mask's non-zero pixels) of two maps (H, W):
+    2 |T n P| / (|T| + |P|), and 1.0 when neither has any foreground (the Dice challenge's rule)."""
+    truth, pred = np.asarray(truth) != 0, np.asarray(pred) != 0
+    if truth.shape != pred.shape or truth.ndim != 2:
+        raise ValueError(f"expected two maps (H, W) of one shape, got {truth.shape} and {pred.shape}")
+    return _ratio(2 * np.count_nonzero(truth & pred), np.count_nonzero(truth) + np.count_nonzero(pred),
+                  both_empty=True)
+
+
+def remove_border_objects(labels: np.ndarray, margin: int = BORDER_MARGIN) -> np.ndarray:
+    """A copy of `labels` (H, W) with every object that has a pixel in the outer `margin` rows or
+    columns set to background (the NeurIPS 2022 rule, margin 2); ids of the others are kept."""
+    labels = _check_labels(labels, "labels")
+    band = np.ones(labels.shape, bool)
+    band[margin:labels.shape[0] - margin, margin:labels.shape[1] - margin] = False
+    touching = np.unique(labels[band])
+    out = labels.copy()
+    out[np.isin(labels, touching[touching != 0])] = 0
+    return out
+
+
+@dataclass(frozen=True)
+class F1Score:
+    """Counts and scores at one IoU threshold (pairs need IoU >= threshold), after border removal."""
+    tp: int
+    fp: int
+    fn: int
+    precision: float
+    recall: float
+    f1: float
+    n_true: int
+    n_pred: int
+
+
+def f1_border(truth: np.ndarray, pred: np.ndarray, threshold: float = 0.5,
+              margin: int = BORDER_MARGIN) -> F1Score:
+    """F1 of the NeurIPS 2022 cell segmentation challenge for one image.
+
+    Objects touching the outer `margin` pixels are removed from both maps (`remove_border_objects`);
+    the rest are paired one to one so that the number of pairs with IoU >= `threshold` is the
+    largest possible (scipy's linear_sum_assignment; at IoU exactly 0.5 an object split in two
+    halves could pair with either half, never both). TP = pairs, FP = n_pred - TP, FN = n_true - TP,
+    F1 = 2 TP / (n_true + n_pred). No object left in either map gives 1.0 (the challenge's own
+    script gives 0 there); objects in only one gives 0.0.
+    """
+    truth = remove_border_objects(truth, margin)
+    pred = remove_border_objects(pred, margin)
+    iou, true_ids, pred_ids = iou_matrix(truth, pred)
+    n_true, n_pred = int(true_ids.size), int(pred_ids.size)
+    hits = iou >= threshold
+    tp = 0
+    if hits.any():
+        rows, cols = linear_sum_assignment(hits.astype(np.float64), maximize=True)
+        tp = int(hits[rows, cols].sum())
+    both_empty = n_true == 0 and n_pred == 0
+    return F1Score(tp=tp, fp=n_pred - tp, fn=n_true - tp,
+                   precision=_ratio(tp, n_pred, both_empty), recall=_ratio(tp, n_true, both_empty),
+                   f1=_ratio(2 * tp, n_true + n_pred, both_empty), n_true=n_true, n_pred=n_pred)
+
+
+def instance_dice(truth: np.ndarray, pred: np.ndarray, cutoff: float = INSTANCE_DICE_CUTOFF) -> float:
+    """Instance Dice of the AI-HERO time-lapse challenge for one image.
+
+    Dice of every pair, 2 |T n P| / (|T| + |P|). Greedily, the pair with the highest Dice above
+    `cutoff` is matched and both objects leave the pool (ties: the lower true id, then the lower
+    predicted id, first). The score is the sum of matched Dice over the number of entries: matched
+    pairs, unmatched true objects and unmatched predicted objects, i.e. sum / (n_true + n_pred -
+    n_matched). No object in either map gives 1.0 (the challenge's script, a mean over no entries,
+    gives NaN there).
+    """
+    inter, true_area, pred_area, true_ids, pred_ids = overlaps(truth, pred)
+    n_true, n_pred = int(true_ids.size), int(pred_ids.size)
+    if n_true == 0 and n_pred == 0:
+        return 1.0
+    dice = 2 * inter / np.maximum(true_area[:, None] + pred_area[None, :], 1)
+    rows, cols = np.nonzero(dice > cutoff)  # row-major: ties keep the lower ids first
+    order = np.argsort(-dice[rows, cols], kind="stable")
+    used_true, used_pred = np.zeros(n_true, bool), np.zeros(n_pred, bool)
+    total, n_matched = 0.0, 0
+    for i, j in zip(rows[order], cols[order]):
+        if not used_true[i] and not used_pred[j]:
+            used_true[i] = used_pred[j] = True
+            total += float(dice[i, j])
+            n_matched += 1
+    return total / (n_true + n_pred - n_matched)
+
+
+def extra_scores(truth: np.ndarray, pred: np.ndarray, names=EXTRA_COLUMNS) -> dict[str, float]:
+    """The EXTRA_COLUMNS scores named in `names` for one image: {"f1_border": ..., "instance_dice": ...}."""
+    unknown = set(names) - set(EXTRA_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown scores {sorted(unknown)}; known: {', '.join(EXTRA_COLUMNS)}")
+    out = {}
+    if "f1_border" in names:
+        out["f1_border"] = f1_border(truth, pred).f1
+    if "instance_dice" in names:
+        out["instance_dice"] = instance_dice(truth, pred)
+    return out
+
+
+def score_table(scores: Mapping[str, ImageScore],
+                extra: Mapping[str, Mapping[str, float]] | None = None) -> pd.DataFrame:
     """One row per image, in the mapping's order: image_id, dsb, precision, recall, f1, dice,
-    n_true, n_pred."""
+    n_true, n_pred, then the EXTRA_COLUMNS that `extra` ({image_id: {column: value}}, from
+    `extra_scores`) holds for every image."""
     rows = [(str(image_id), s.dsb, s.precision, s.recall, s.f1, s.dice, s.n_true, s.n_pred)
             for image_id, s in scores.items()]
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     # an empty table still gets numeric columns, so later arithmetic does not meet object dtype
-    return table.astype({c: float for c in SCORE_COLUMNS} | {"n_true": int, "n_pred": int})
+    table = table.astype({c: float for c in SCORE_COLUMNS} | {"n_true": int, "n_pred": int})
+    if extra:
+        for column in EXTRA_COLUMNS:
+            if all(column in extra.get(image_id, {}) for image_id in scores):
+                table[column] = [float(extra[image_id][column]) for image_id in scores]
+    return table
 
 
 def mean_scores(scores: Mapping[str, ImageScore] | pd.DataFrame) -> dict[str, float]:
-    """Mean over images of dsb, precision, recall, f1 and dice (each image weighs the same).
-    Takes the dict given to `score_table` or its table; no image is a ValueError."""
+    """Mean over images of dsb, precision, recall, f1 and dice, and of the EXTRA_COLUMNS a table
+    holds (each image weighs the same). Takes the dict given to `score_table` or its table; no
+    image is a ValueError."""
     table = scores if isinstance(scores, pd.DataFrame) else score_table(scores)
     if len(table) == 0:
         raise ValueError("mean_scores: no images to average")
-    return {column: float(table[column].mean()) for column in SCORE_COLUMNS}
+    columns = SCORE_COLUMNS + tuple(c for c in EXTRA_COLUMNS if c in table.columns)
+    return {column: float(table[column].mean()) for column in columns}

@@ -3,7 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metrics import DSB_THRESHOLDS, ImageScore, iou_matrix, match, mean_scores, score_table
+from metrics import (DSB_THRESHOLDS, ImageScore, extra_scores, f1_border, instance_dice, iou_matrix, match,
+                     mean_scores, remove_border_objects, score_table, semantic_dice)
 from tests.conftest import disk
 
 SHAPE = (40, 50)
@@ -285,3 +286,133 @@ def test_image_score_is_frozen():
     with pytest.raises(Exception):
         score.dsb = 0.5
     assert isinstance(score_table({"x": score}), pd.DataFrame)
+
+
+# --- the other challenges' scores, on hand-made cases ------------------------------------------
+
+def strip(*spans, width=50):
+    """A one-row label map: span k = (first, last) column, inclusive, gets id k + 1."""
+    labels = np.zeros((1, width), np.int32)
+    for k, (first, last) in enumerate(spans, start=1):
+        labels[0, first:last + 1] = k
+    return labels
+
+
+def test_semantic_dice_exact():
+    assert semantic_dice(labels_of(square(5, 5)), labels_of(square(5, 7))) == pytest.approx(0.8)  # 2*80/200
+    empty = np.zeros(SHAPE, np.int32)
+    assert semantic_dice(empty, empty) == 1.0
+    assert semantic_dice(empty, labels_of(square(0, 0))) == 0.0
+    # instances do not matter: one true object predicted as two halves is a perfect semantic mask
+    halves = labels_of(square(5, 5, 10), square(5, 10, 5)).astype(np.uint16)
+    assert semantic_dice(labels_of(square(5, 5)), halves) == 1.0
+    with pytest.raises(ValueError, match="one shape"):
+        semantic_dice(empty, empty[:, :3])
+
+
+def test_remove_border_objects_keeps_ids_of_the_rest():
+    labels = np.zeros((10, 10), np.int32)
+    labels[0, 4] = 3      # on the edge
+    labels[8, 5] = 4      # in the second-to-last row: inside the 2-pixel band
+    labels[4:6, 2:4] = 7  # column 2 is the first one outside the band
+    labels[5, 6] = 9      # inside the band of margin 3 too (columns 3..6)
+    kept = remove_border_objects(labels)
+    assert sorted(np.unique(kept)) == [0, 7, 9] and (kept[labels == 7] == 7).all()
+    assert sorted(np.unique(remove_border_objects(labels, margin=3))) == [0, 9]
+
+
+def border_case():
+    """20x20: truth A, B (top edge), C (column 18), E; prediction A, B, D (a false positive) and E
+    widened into column 1."""
+    truth = np.zeros((20, 20), np.int32)
+    truth[5:10, 5:10] = 1     # A, inside
+    truth[0:4, 10:14] = 2     # B touches row 0
+    truth[12:16, 16:19] = 3   # C reaches column 18, in the band
+    truth[10:15, 2:7] = 4     # E, inside (columns 2..6)
+    pred = np.zeros((20, 20), np.int32)
+    pred[5:10, 5:10] = 11     # A exactly
+    pred[0:4, 10:14] = 12     # B exactly
+    pred[15:18, 8:11] = 13    # D, inside, matches nothing
+    pred[10:15, 1:7] = 14     # E widened to column 1: IoU 25/30, but in the band
+    return truth, pred
+
+
+def test_f1_border_leaves_out_objects_touching_the_border():
+    truth, pred = border_case()
+    score = f1_border(truth, pred)
+    # truth keeps A, E; prediction keeps A, D: one pair (A), E is missed, D is a false positive
+    assert (score.n_true, score.n_pred, score.tp, score.fp, score.fn) == (2, 2, 1, 1, 1)
+    assert (score.precision, score.recall, score.f1) == (0.5, 0.5, 0.5)
+    # counting every object instead: A, B and E pair up, C and D are left -> F1 = 6 / 8
+    assert match(truth, pred).f1 == 0.75
+
+
+def test_f1_border_counts_iou_of_exactly_one_half():
+    truth = np.zeros((20, 20), np.int32)
+    truth[5, 5:13] = 1
+    pred = np.zeros((20, 20), np.int32)
+    pred[5, 5:9] = 1                      # IoU 4 / 8 = 0.5
+    assert f1_border(truth, pred).f1 == 1.0
+    assert match(truth, pred).f1 == 0.0   # the DSB rule needs IoU above 0.5
+
+
+def test_f1_border_pairs_each_object_once():
+    truth = np.zeros((20, 20), np.int32)
+    truth[5, 5:13] = 1
+    pred = np.zeros((20, 20), np.int32)
+    pred[5, 5:9] = 1
+    pred[5, 9:13] = 2                     # two halves, each with IoU 0.5
+    score = f1_border(truth, pred)
+    assert (score.tp, score.fp, score.fn) == (1, 1, 0) and score.f1 == pytest.approx(2 / 3)
+
+
+def test_f1_border_empty_cases():
+    only_border = np.zeros((20, 20), np.int32)
+    only_border[0:3, 0:3] = 1
+    empty = np.zeros((20, 20), np.int32)
+    assert f1_border(only_border, empty).f1 == 1.0     # nothing left on either side
+    inside = np.zeros((20, 20), np.int32)
+    inside[8:10, 8:10] = 5
+    assert f1_border(empty, inside).f1 == 0.0 and f1_border(inside, empty).f1 == 0.0
+
+
+def test_instance_dice_worked_example():
+    """The example of docs/predict.md: T1 cols 0-9, T2 cols 20-25, T3 cols 30-33; P1 cols 2-11,
+    P2 cols 20-22, P3 cols 40-44. Pairs: (T1, P1) Dice 2*8/20 = 0.8, (T2, P2) 2*3/9 = 2/3;
+    T3 and P3 are left: (0.8 + 2/3 + 0 + 0) / 4 = 11/30."""
+    truth = strip((0, 9), (20, 25), (30, 33))
+    pred = strip((2, 11), (20, 22), (40, 44))
+    assert instance_dice(truth, pred) == pytest.approx(11 / 30)
+    assert instance_dice(truth, truth) == 1.0
+
+
+def test_instance_dice_consumes_each_object_once():
+    # T cols 0-9 against two halves with equal Dice 2*5/15: the first half is matched, the other left
+    truth = strip((0, 9))
+    assert instance_dice(truth, strip((0, 4), (5, 9))) == pytest.approx((2 / 3) / 2)
+    # greedy by Dice: (T1, P1) 0.8 first, then (T2, P2) 2*2/6, though (T2, P1) also overlaps
+    assert instance_dice(strip((0, 9), (10, 13)), strip((2, 11), (12, 13))) == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+def test_instance_dice_cutoff_and_empty_maps():
+    # Dice exactly 0.1 (2 * 1 / (19 + 1)) is not above the cutoff: one miss and one false positive
+    assert instance_dice(strip((0, 18)), strip((18, 18))) == 0.0
+    assert instance_dice(strip((0, 17)), strip((17, 17))) == pytest.approx((2 / 19) / 1)
+    empty = np.zeros((1, 50), np.int32)
+    assert instance_dice(empty, empty) == 1.0
+    assert instance_dice(empty, strip((3, 5))) == 0.0 and instance_dice(strip((3, 5)), empty) == 0.0
+
+
+def test_score_table_takes_the_extra_columns():
+    truth, pred = border_case()
+    scores = {"a": match(truth, pred), "b": match(truth, truth)}
+    extra = {"a": extra_scores(truth, pred), "b": extra_scores(truth, truth)}
+    table = score_table(scores, extra)
+    assert list(table.columns)[-2:] == ["f1_border", "instance_dice"]
+    assert table["f1_border"].tolist() == [0.5, 1.0]
+    means = mean_scores(table)
+    assert means["f1_border"] == 0.75 and means["instance_dice"] == pytest.approx((instance_dice(truth, pred) + 1) / 2)
+    only = score_table(scores, {k: extra_scores(truth, truth, ["instance_dice"]) for k in scores})
+    assert "f1_border" not in only.columns and "instance_dice" in only.columns
+    with pytest.raises(ValueError, match="unknown scores"):
+        extra_scores(truth, pred, ["aji"])

@@ -138,6 +138,11 @@ class DatasetConfig:
     cv_ratio: float = _between(0, 1)
     split_seed: int
     cache_dir: str | None
+    layout: str = _choices("auto", "dsb2018", "im_mask", "timelapse", "label_images")
+    split_csv: str | None
+    normalize: str = _choices("auto", "percentile", "range")
+    percentile_low: float = _between(0, 100)
+    percentile_high: float = _between(0, 100)
 
 
 @dataclass(frozen=True)
@@ -328,6 +333,9 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
     if cfg.pre.size_norm and not cfg.valid.pred_orig_size:
         raise ConfigError(f"{raw['pre']['size_norm'][1]}: [pre] size_norm sets the prediction scale itself and "
                           f"needs [valid] pred_orig_size = True (False in {raw['valid']['pred_orig_size'][1]})")
+    if cfg.dataset.percentile_low >= cfg.dataset.percentile_high:
+        raise ConfigError(f"{raw['dataset']['percentile_low'][1]}: [dataset] percentile_low "
+                          f"{cfg.dataset.percentile_low} must be below percentile_high {cfg.dataset.percentile_high}")
     if len(cfg.loss.head_weights) != 3:
         raise ConfigError(f"{raw['loss']['head_weights'][1]}: [loss] head_weights needs 3 numbers "
                           f"(semantic, contour, marker), got {len(cfg.loss.head_weights)}")

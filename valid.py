@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from atomic import atomic_dir, atomic_path
 from config import Config, InputError, load_and_report, run_main, under_saved
-from dataset import training_split
-from dataset.io import list_samples, read_sample_cached
+from dataset.selection import named_samples
+from dataset.io import read_sample_cached
 from inference import Member, predict_image
 from metrics import match, mean_scores, score_table
 from model.checkpoint import latest_checkpoint, load_model
@@ -105,7 +105,7 @@ def refuse_overwrite(args, inputs: list[Path], samples) -> None:
             raise InputError(f"{path}: --{option} would write over a checkpoint; give another path")
         if path.is_dir():
             raise InputError(f"{path}: --{option} names a folder; give a file path")
-    read = {s.folder.resolve().parent for s in samples}
+    read = {s.data_root.resolve() for s in samples}
     for option in ("save", "masks", "labels"):
         value = getattr(args, option)
         if value is None:
@@ -150,10 +150,7 @@ def load_members(paths: list[Path], cfg: Config, device, override_pre: bool) -> 
 
 
 def dataset_samples(cfg: Config, name: str):
-    folder = Path(cfg.dataset.root) / name
-    if name == "valid" and not folder.is_dir():
-        return training_split(cfg)[1]
-    return list_samples(folder)
+    return named_samples(cfg, name)
 
 
 def semantic_iou(truth: np.ndarray, labels: np.ndarray) -> float:

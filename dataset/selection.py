@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from config import Config, DatasetConfig, InputError
-from dataset.io import SampleFiles, list_samples
+from dataset.io import SampleFiles
+from dataset.layouts import layout_samples, read_split_csv
 
 FILTER_COLUMNS = ("source", "major_category", "sub_category")
 PARENT_COLUMN = "parent_id"
@@ -125,17 +126,46 @@ def balance_weights(samples: list[SampleFiles], table: pd.DataFrame, column: str
 
 
 def training_split(cfg: Config) -> tuple[list[SampleFiles], list[SampleFiles]]:
-    """(train, valid) samples: root/train and root/valid, or a seeded cv_ratio split of root/train
-    that keeps every group (`sample_groups`) on one side."""
+    """(train, valid) samples: root/train and root/valid (each in `[dataset] layout`), or the train
+    and valid rows of `[dataset] split_csv` instead; without valid samples, a seeded cv_ratio split
+    of the train samples that keeps every group (`sample_groups`: a time-lapse sequence, crop.py's
+    tiles of one image) on one side. The CSV whitelist (csv_file) filters both."""
     data = cfg.dataset
     root = Path(data.root)
     table = read_whitelist(data.csv_file) if data.csv_file else None
-    train = apply_whitelist(list_samples(root / "train"), data, table)
+    if data.split_csv:
+        parts = read_split_csv(data.split_csv, data)
+        where, listed, valid = data.split_csv, parts["train"], parts["valid"]
+        if not listed:
+            raise InputError(f"{data.split_csv}: split CSV has no train rows")
+    else:
+        where, listed = root / "train", layout_samples(root / "train", data)
+        valid = layout_samples(root / "valid", data) if (root / "valid").is_dir() else []
+    train = apply_whitelist(listed, data, table)
     if not train:
-        raise InputError(f"{root / 'train'}: no sample is left after the CSV whitelist {data.csv_file}")
-    if (root / "valid").is_dir():
-        return train, apply_whitelist(list_samples(root / "valid"), data, table)
+        raise InputError(f"{where}: no sample is left after the CSV whitelist {data.csv_file}")
+    if valid:
+        return train, apply_whitelist(valid, data, table)
     groups = sample_groups(train, table, data.csv_file)
     train_ids, valid_ids = split_ids([s.id for s in train], data.cv_ratio, data.split_seed, groups)
     chosen = set(valid_ids)
     return [s for s in train if s.id not in chosen], [s for s in train if s.id in chosen]
+
+
+def named_samples(cfg: Config, name: str) -> list[SampleFiles]:
+    """The samples valid.py's --dataset `name` reads: with `[dataset] split_csv`, the rows of that
+    usage (valid: the split training validates on); else root/<name> in `[dataset] layout`, and for
+    valid without that folder the validation part of `training_split`."""
+    if cfg.dataset.split_csv:
+        if name not in ("train", "valid", "test"):
+            raise InputError(f"--dataset {name}: with [dataset] split_csv, name train, valid or test")
+        if name == "valid":
+            return training_split(cfg)[1]
+        samples = read_split_csv(cfg.dataset.split_csv, cfg.dataset)[name]
+        if not samples:
+            raise InputError(f"{cfg.dataset.split_csv}: split CSV has no {name} rows")
+        return samples
+    folder = Path(cfg.dataset.root) / name
+    if name == "valid" and not folder.is_dir():
+        return training_split(cfg)[1]
+    return layout_samples(folder, cfg.dataset)

@@ -83,6 +83,7 @@ class TrainConfig:
     amp: str = _choices("auto", "off", "float16", "bfloat16")
     seed: int
     balance_group: bool
+    balance_family: bool
     checkpoint_dir: str
     log_dir: str
 
@@ -121,6 +122,9 @@ class PreConfig:
     color_invert: bool
     stretch: bool
     clahe: bool
+    stain_norm: str = _choices("off", "hematoxylin")
+    invert_bright: bool
+    stain_jitter: float = _between(0, 1)
     noise: bool
     noise_sigma: float = _at_least(0)
     size_norm: bool
@@ -339,6 +343,9 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
     if len(cfg.loss.head_weights) != 3:
         raise ConfigError(f"{raw['loss']['head_weights'][1]}: [loss] head_weights needs 3 numbers "
                           f"(semantic, contour, marker), got {len(cfg.loss.head_weights)}")
+    if cfg.train.balance_group and cfg.train.balance_family:
+        raise ConfigError(f"{raw['train']['balance_family'][1]}: [train] balance_family and balance_group "
+                          f"(set in {raw['train']['balance_group'][1]}) cannot both be on: choose one")
     return cfg
 
 

@@ -6,9 +6,9 @@ that picks `best.pkl` is computed exactly as `valid.py --no-tuned` computes it.
     members = [Member(model, pre, name) for ...]    # a model and the [pre] it was trained with
     probs = predict_image(members, image, cfg.valid, device=device)  # {'semantic': (H, W) float32, ...}
 
-Each member prepares the RGB uint8 image with its own `[pre]` settings (contrast stretch, CLAHE,
-input width when resizing), then padding to the network stride or tiles, test-time augmentation,
-and the average over members. `postprocess.py` turns the maps into instances.
+Each member prepares the RGB uint8 image with its own `[pre]` settings (stain normalisation,
+brightfield inversion, contrast stretch, CLAHE, input width when resizing), then padding to the
+network stride or tiles, test-time augmentation, and the average over members. `postprocess.py` turns the maps into instances.
 
 A member trained with `[pre] size_norm` sees every image at its training nucleus size: passes
 without TTA estimate the image's median nucleus diameter (`dataset.sizes.estimate_diameter` on the
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from config import InputError, PreConfig, ValidConfig
-from dataset.augment import prepare_image, to_tensor_image
+from dataset.augment import prepare_image, prepare_key, to_tensor_image
 from dataset.sizes import estimate_diameter, size_factor
 from dataset.tiles import tile_origins
 
@@ -284,7 +284,7 @@ def predict_image(members: list, image: np.ndarray | torch.Tensor, valid: ValidC
     prepared: dict[tuple, torch.Tensor] = {}
     vote = valid.ensemble == "vote" and len(members) > 1
     for member in members:
-        key = None if member.pre is None else (member.pre.stretch, member.pre.clahe)
+        key = prepare_key(member.pre)
         if key not in prepared:
             prepared[key] = member_input(member, image).to(device)
         side = member.pre.width if member.pre is not None else (width or 256)

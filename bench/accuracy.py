@@ -6,6 +6,8 @@
     python3 bench/accuracy.py --from-run cpu_recipe --config configs/ablation/no_tta.ini --name no_tta
     python3 bench/accuracy.py --config configs/cpu_recipe_v3.ini --config configs/ablation/caunet.ini
     python3 bench/accuracy.py --config configs/cpu_recipe_v5.ini --budget 20 --scales 3 0.5  # + size test set
+    python3 bench/accuracy.py --classical --leave-one-out               # the floor on every held-out family
+    python3 bench/accuracy.py --config configs/cpu_recipe_v5.ini --budget 6 --hold-out-family colour_white
 
 On a DSB2018-layout folder (default ../shared/data/dsb2018/stage1_train) it makes a seeded
 validation split (10 % of the images; --split-seed, 0 by default, so every row of one seed sees the
@@ -24,6 +26,16 @@ as `dsb_x3`, `dsb_x0.5`. It asks how a model copes with nuclei of another size t
 The rescaled copies are written once, in the DSB2018 layout, under `<work>/scaled/` (named by the
 split's image ids and the factor) and reused by every later row on the same split.
 
+Leave one family out (`--hold-out-family colour_white`, or `--leave-one-out` for one row per family):
+the images are grouped into families by the fixed rule of `dataset/families.py` (colour or grey,
+tinted or white background, bright or dark, image size; families under --min-family images merged
+into the nearest), every image of the held-out family is the validation split, the tune split is
+drawn (seeded) from the other families and the rest trains. The row's `protocol` column says
+'leave one family out' and `family` names the family ('random 10 %' and empty for the seeded
+split); the run's folder is `<work>/<name>-<family>`, and `--from-run NAME` then reads
+`<work>/<NAME>-<family>`. Score the classical floor on the same family with `--classical
+--hold-out-family FAMILY`.
+
 Image types, by a simple rule on the image itself: 'fluorescence' if the three channels are
 equal and the median is below 100 (bright nuclei on a dark background); 'brightfield' if the
 channels are equal otherwise; 'tissue' if the image has colour (H&E and similar stains).
@@ -39,6 +51,7 @@ import platform
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -49,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from atomic import atomic_dir, atomic_path  # noqa: E402
 from config import InputError, load_config  # noqa: E402
 from dataset import split_ids  # noqa: E402
+from dataset.families import sample_families  # noqa: E402
 from dataset.io import list_samples, read_image, read_sample  # noqa: E402
 from metrics import match  # noqa: E402
 from postprocess import postprocess  # noqa: E402
@@ -175,16 +189,43 @@ def main(argv=None):
     parser.add_argument("--from-run", metavar="NAME", action="append", default=[],
                         help="no training: score the last checkpoint of the earlier run NAME (under --work) with "
                         "--config as extra settings; repeat it to score the ensemble of several runs")
+    parser.add_argument("--hold-out-family", metavar="FAMILY", help="leave one family out: validate on every "
+                        "image of this family (dataset/families.py) and train and tune on the other families")
+    parser.add_argument("--leave-one-out", action="store_true",
+                        help="one --hold-out-family row for every family, largest first")
+    parser.add_argument("--min-family", type=int, default=10,
+                        help="families of fewer images are merged into the nearest one")
     args = parser.parse_args(argv)
 
     samples = [s for s in list_samples(args.data) if s.mask_paths is not None]
-    train_ids, valid_ids = split_ids([s.id for s in samples], 0.1, seed=args.split_seed)
+    if not (args.hold_out_family or args.leave_one_out):
+        return one_row(args, samples, None, {})
+    families = sample_families(samples, args.min_family)
+    counts = Counter(families.values())
+    if args.hold_out_family and args.hold_out_family not in counts:
+        raise SystemExit(f"error: --hold-out-family {args.hold_out_family} is not a family of {args.data} "
+                         f"(families: {', '.join(f'{k} ({v})' for k, v in sorted(counts.items()))})")
+    if len(counts) < 2:
+        raise SystemExit(f"error: {args.data} has one image family only; nothing to leave out")
+    held = [args.hold_out_family] if args.hold_out_family else sorted(counts, key=lambda f: (-counts[f], f))
+    rows = [one_row(args, samples, family, families) for family in held]
+    return rows[0] if args.hold_out_family else rows
+
+
+def one_row(args, samples, family: str | None, families: dict[str, str]) -> dict:
+    """Split, train (or score the classical floor), tune, score, append and return one row. `family`:
+    None for the seeded random 10 % split; else the family left out (`families` maps every id)."""
+    if family is None:
+        train_ids, valid_ids = split_ids([s.id for s in samples], 0.1, seed=args.split_seed)
+    else:
+        valid_ids = sorted(i for i, f in families.items() if f == family)
+        train_ids = sorted(i for i, f in families.items() if f != family)
     rng = np.random.default_rng(args.split_seed)
     tune_ids = sorted(rng.choice(train_ids, min(args.tune_images, len(train_ids) - 1), replace=False))
     train_ids = sorted(set(train_ids) - set(tune_ids))
     name = args.name or ("classical" if args.classical
                          else "+".join(Path(c).stem for c in args.config) or "defaults")
-    work = Path(args.work) / name
+    work = Path(args.work) / (name if family is None else f"{name}-{family}")
     if name == "scaled":
         raise SystemExit("error: --name scaled is the folder of the size test sets; choose another name")
     if name in args.from_run:
@@ -201,7 +242,7 @@ def main(argv=None):
         scaled[factor] = scaled_split(samples, valid_ids, factor, Path(args.work) / "scaled")
         (work / "data" / f"valid_{scaled_name(factor)}").symlink_to(scaled[factor].resolve())
     if args.from_run:
-        source = Path(args.work) / args.from_run[0]
+        source = Path(args.work) / (args.from_run[0] if family is None else f"{args.from_run[0]}-{family}")
         settings = merged_settings([source / "settings.ini", *args.config], work)
     else:
         settings = merged_settings(args.config, work)
@@ -235,7 +276,8 @@ def main(argv=None):
             ckpts = []
             for run in args.from_run:
                 # linked into this row's folder, so that the tuned thresholds are saved there
-                source = latest_checkpoint(Path(args.work) / run / "checkpoint")
+                source = latest_checkpoint(Path(args.work) / (run if family is None else f"{run}-{family}")
+                                           / "checkpoint")
                 link = work / "checkpoint" / f"{run}-{source.name}"
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(source.resolve())
@@ -272,6 +314,8 @@ def main(argv=None):
            "threads": torch.get_num_threads(), "epochs": epochs,
            "dsb": per_image["dsb"].mean(), "f1_at_0.5": per_image["f1"].mean(),
            "seconds_per_image": seconds, "n_valid": len(per_image), "split_seed": args.split_seed,
+           "protocol": "random 10 %" if family is None else "leave one family out", "family": family or "",
+           "n_train": len(train_ids),
            "tune_protocol": f"{len(tune_ids)} held-out images", "tuned": json.dumps(tuned, sort_keys=True),
            "tune_grid": json.dumps(grid, sort_keys=True)}
     for kind in TYPES:

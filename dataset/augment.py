@@ -3,7 +3,8 @@
 Geometry (rescale + crop, elastic distortion, flips, 90-degree rotations) runs in OpenCV/numpy on
 the image and the label map together; labels are always resampled with nearest neighbour, so an
 instance id is never interpolated into another. Colour changes run afterwards on the image alone,
-with torchvision's transforms. All randomness comes from a numpy Generator passed in, so a sample
+with torchvision's transforms, after the haematoxylin-eosin stain jitter of `[pre] stain_jitter`
+(colour images only). All randomness comes from a numpy Generator passed in, so a sample
 is reproducible from its seed whatever process draws it.
 
 With `[pre] size_norm` each sample is first brought to a common nucleus size (`dataset/sizes.py`):
@@ -20,6 +21,7 @@ import cv2
 import numpy as np
 
 from config import PreConfig
+from dataset.families import BRIGHT_MEDIAN, is_colour
 from dataset.sizes import median_diameter, size_factor
 
 
@@ -45,9 +47,76 @@ def stretch_contrast(image: np.ndarray, low: float = 0.5, high: float = 99.9, mi
     return np.round(table).astype(np.uint8)[image]
 
 
+# skimage's rgb2hed clips negative stain concentrations, so hed2rgb(rgb2hed(x)) changes pale
+# pixels by up to ~150 grey levels; the same product without the clip is exactly undone by hed2rgb
+_LOG_ADJUST = float(np.log(1e-6))
+
+
+def rgb_to_hed(image: np.ndarray) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> float64 (H, W, 3) haematoxylin, eosin, DAB concentrations in
+    skimage's units (`skimage.color.rgb2hed`'s matrix and scale, negative values kept, so
+    `skimage.color.hed2rgb` inverts it exactly)."""
+    from skimage.color import hed_from_rgb
+    rgb = np.maximum(image.astype(np.float64) / 255.0, 1e-6)
+    return (np.log(rgb) / _LOG_ADJUST) @ hed_from_rgb
+
+
+def hed_to_rgb(hed: np.ndarray) -> np.ndarray:
+    """The inverse of `rgb_to_hed` (`skimage.color.hed2rgb`), rounded to RGB uint8."""
+    from skimage.color import hed2rgb
+    return np.round(hed2rgb(hed) * 255.0).astype(np.uint8)
+
+
+def hed_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Random stain variation of a colour image in haematoxylin-eosin-DAB space: each channel's
+    concentration is multiplied by U(1 - strength, 1 + strength) and shifted by U(-strength,
+    strength) optical density (natural log units), then turned back into RGB. RGB uint8 (H, W, 3)
+    in and out. Grey images (`dataset.families.is_colour`) and strength 0 return the image
+    unchanged; the six draws are taken from `rng` either way, so the draws after them do not depend
+    on the image's colour."""
+    scale = rng.uniform(1.0 - strength, 1.0 + strength, 3)
+    shift = rng.uniform(-strength, strength, 3) / -_LOG_ADJUST
+    if strength <= 0 or not is_colour(image):
+        return image
+    return hed_to_rgb(rgb_to_hed(image) * scale + shift)
+
+
+def haematoxylin_view(image: np.ndarray, low: float = 0.5, high: float = 99.9) -> np.ndarray:
+    """A colour image's haematoxylin concentration as a grey RGB uint8 image (nuclei bright on dark,
+    like fluorescence), its `low`..`high` percentiles mapped to 0..255. Grey images
+    (`dataset.families.is_colour`) are returned unchanged."""
+    if not is_colour(image):
+        return image
+    haematoxylin = rgb_to_hed(image)[..., 0]
+    lo, hi = np.percentile(haematoxylin, (low, high))
+    grey = np.clip((haematoxylin - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255)
+    return np.repeat(np.round(grey).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def invert_if_bright(image: np.ndarray, median: float = BRIGHT_MEDIAN) -> np.ndarray:
+    """A grey image whose median is `median` or more (brightfield: dark nuclei on a bright
+    background) inverted, so nuclei are bright on dark as in fluorescence; other images unchanged.
+    The default threshold is the family rule's (`dataset.families.BRIGHT_MEDIAN`)."""
+    if is_colour(image) or np.median(image.mean(axis=2)) < median:
+        return image
+    return 255 - image
+
+
+def prepare_key(pre: PreConfig | None) -> tuple | None:
+    """The `[pre]` values `prepare_image` reads: members of an ensemble whose keys are equal need the
+    image prepared once."""
+    if pre is None:
+        return None
+    return (pre.stain_norm, pre.invert_bright, pre.stretch, pre.clahe)
+
+
 def prepare_image(image: np.ndarray, pre: PreConfig) -> np.ndarray:
     """Deterministic whole-image preprocessing, the same for training and prediction:
-    `[pre] stretch` then `[pre] clahe`. RGB uint8 (H, W, 3) in and out."""
+    `[pre] stain_norm`, `invert_bright`, `stretch` then `clahe`. RGB uint8 (H, W, 3) in and out."""
+    if pre.stain_norm == "hematoxylin":
+        image = haematoxylin_view(image)
+    if pre.invert_bright:
+        image = invert_if_bright(image)
     if pre.stretch:
         image = stretch_contrast(image)
     if pre.clahe:
@@ -191,6 +260,8 @@ class Augmenter:
 
     def photometric(self, image: np.ndarray, rng: np.random.Generator):
         import torch
+        if self.pre.stain_jitter > 0:
+            image = hed_jitter(image, self.pre.stain_jitter, rng)
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         colour = self.colour
         if colour is not None:

@@ -1,5 +1,5 @@
 """The torch side of the dataset: `NucleiDataset` (tensors with every training target) and the
-group-balancing sampler. Everything else in `dataset` is torch-free.
+group- or family-balancing sampler. Everything else in `dataset` is torch-free.
 
     train_samples, valid_samples = training_split(cfg)
     data = NucleiDataset(train_samples, cfg, augment=True)
@@ -14,13 +14,23 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 
 from config import Config, InputError
 from dataset.augment import Augmenter, item_generator, prepare_image, to_tensor_image
+from dataset.families import family_weights, image_features, sample_families
 from dataset.io import SampleFiles, read_sample_cached
 from dataset.selection import balance_weights, read_whitelist
 from dataset.targets import make_targets
 
 
 def make_sampler(samples: list[SampleFiles], cfg: Config, generator: torch.Generator | None = None):
-    """A WeightedRandomSampler for `[train] balance_group`, or None for plain shuffling."""
+    """A WeightedRandomSampler for `[train] balance_group` or `balance_family`, or None for plain
+    shuffling. Families (`dataset.families`) are found on the decoded images (the decode cache,
+    which training fills anyway), among the training samples only."""
+    if cfg.train.balance_family:
+        features = {s.id: image_features(read_sample_cached(s, cfg.target.fill_holes, cfg.dataset.cache_dir)[0])
+                    for s in samples}
+        families = sample_families(samples, features=features)
+        weights = family_weights(families, [s.id for s in samples])
+        return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.float64), num_samples=len(samples),
+                                     replacement=True, generator=generator)
     if not cfg.train.balance_group:
         return None
     if not cfg.dataset.csv_file:

@@ -1,0 +1,134 @@
+"""Stain and modality options of [pre]: haematoxylin-eosin jitter, the haematoxylin view, brightfield
+inversion, applied the same way in training and in prediction."""
+import numpy as np
+import pytest
+import torch
+
+from config import ConfigError, load_config
+from dataset.augment import (Augmenter, haematoxylin_view, hed_jitter, hed_to_rgb, invert_if_bright, prepare_image,
+                             prepare_key, rgb_to_hed, to_tensor_image)
+from dataset.io import list_samples, read_image
+from tests.conftest import SAMPLE, disk, make_sample
+
+
+def stained(size=48, background=(230, 225, 235)) -> np.ndarray:
+    """RGB uint8: purple disks (haematoxylin-like) on a pale background, with a little noise."""
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = background
+    for centre in ((12, 12), (30, 34), (36, 10)):
+        image[disk((size, size), centre, 6)] = (110, 50, 150)
+    noise = np.random.default_rng(0).integers(-3, 4, image.shape)
+    return np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+def grey(size=48, level=20) -> np.ndarray:
+    image = np.full((size, size, 3), level, np.uint8)
+    image[disk((size, size), (20, 20), 8)] = 200
+    return image
+
+
+def test_hed_round_trip_is_exact_to_a_grey_level():
+    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert np.abs(hed_to_rgb(rgb_to_hed(image)).astype(int) - image).max() <= 1
+
+
+def test_hed_jitter_keeps_shape_dtype_and_range_and_is_identity_at_zero():
+    image = stained()
+    out = hed_jitter(image, 0.0, np.random.default_rng(0))
+    assert out is image
+    for strength in (0.05, 0.2, 1.0):
+        out = hed_jitter(image, strength, np.random.default_rng(3))
+        assert out.shape == image.shape and out.dtype == np.uint8
+        assert 0 <= out.min() and out.max() <= 255
+    # strong jitter changes a colour image, mild jitter changes it less
+    change = {s: np.abs(hed_jitter(image, s, np.random.default_rng(3)).astype(int) - image).mean() for s in (0.05, 0.2)}
+    assert change[0.2] > change[0.05] > 0.1
+    # reproducible from the generator; grey images are left alone but the draws are the same
+    assert np.array_equal(hed_jitter(image, 0.2, np.random.default_rng(5)), hed_jitter(image, 0.2, np.random.default_rng(5)))
+    g = grey()
+    rng_a, rng_b = np.random.default_rng(7), np.random.default_rng(7)
+    assert hed_jitter(g, 0.2, rng_a) is g
+    hed_jitter(image, 0.2, rng_b)
+    assert rng_a.random() == rng_b.random()
+
+
+def test_haematoxylin_view_makes_nuclei_bright_on_dark_and_leaves_grey_images():
+    image = stained()
+    view = haematoxylin_view(image)
+    assert view.shape == image.shape and view.dtype == np.uint8
+    assert (view[..., 0] == view[..., 1]).all() and (view[..., 1] == view[..., 2]).all()
+    nuclei = disk(image.shape[:2], (30, 34), 5)
+    assert view[..., 0][nuclei].mean() > view[..., 0][~disk(image.shape[:2], (30, 34), 8)].mean() + 100
+    g = grey()
+    assert haematoxylin_view(g) is g
+
+
+def test_invert_if_bright_inverts_brightfield_only():
+    bright = 255 - grey()
+    assert np.array_equal(invert_if_bright(bright), grey())
+    dark = grey()
+    assert invert_if_bright(dark) is dark
+    colour = stained()
+    assert invert_if_bright(colour) is colour
+
+
+def pre_cfg(**pre):
+    cfg = load_config(user_path=None)
+    return cfg.replace("pre", **pre)
+
+
+def test_prepare_key_tells_the_stain_settings_apart():
+    a = pre_cfg(stretch=True).pre
+    assert prepare_key(a) != prepare_key(pre_cfg(stretch=True, stain_norm="hematoxylin").pre)
+    assert prepare_key(a) != prepare_key(pre_cfg(stretch=True, invert_bright=True).pre)
+    assert prepare_key(a) == prepare_key(pre_cfg(stretch=True, stain_jitter=0.2).pre)  # jitter: training only
+
+
+@pytest.mark.parametrize("stain_norm, invert", [("hematoxylin", False), ("hematoxylin", True), ("off", True)])
+def test_normalisation_is_the_same_in_training_and_prediction(tmp_path, stain_norm, invert):
+    from dataset.torch_data import NucleiDataset
+    from inference import Member, member_input
+    # a real colour image of the sample and a synthetic brightfield one
+    root = tmp_path / "data"
+    colour = next(s for s in list_samples(SAMPLE) if read_image(s.image_path).std(axis=2).mean() > 1)
+    (root).mkdir()
+    (root / colour.id).symlink_to(colour.folder.resolve())
+    make_sample(root, "bright", 255 - grey(64), [disk((64, 64), (20, 20), 8)])
+    samples = list_samples(root)
+    cfg = pre_cfg(stain_norm=stain_norm, invert_bright=invert, stretch=True).replace("dataset", cache_dir=None)
+    # training: no geometry or colour changes, a crop the size of the image, so the input is comparable
+    side = 64
+    train_cfg = cfg.replace("pre", rescale=False, flip=False, rotate=False, elastic=False, color_jitter=False,
+                            channel_shuffle=False, grayscale=0.0, width=side)
+    member = Member(torch.nn.Identity(), cfg.pre)
+    for index, sample in enumerate(samples):
+        image = read_image(sample.image_path)
+        predicted = member_input(member, image)
+        assert torch.equal(NucleiDataset(samples, cfg, augment=False)[index]["image"], predicted)
+        assert torch.equal(predicted, to_tensor_image(prepare_image(image, cfg.pre)))
+        if image.shape[:2] == (side, side):
+            assert torch.equal(NucleiDataset(samples, train_cfg, augment=True)[index]["image"], predicted)
+        changed = not torch.equal(predicted, to_tensor_image(prepare_image(image, cfg.replace(
+            "pre", stain_norm="off", invert_bright=False).pre)))
+        is_colour = sample.id == colour.id
+        assert changed == ((is_colour and stain_norm == "hematoxylin") or (not is_colour and invert))
+
+
+def test_training_jitters_colour_images_only_when_asked():
+    image = stained(64)
+    base = dict(rescale=False, flip=False, rotate=False, elastic=False, color_jitter=False, channel_shuffle=False,
+                grayscale=0.0, width=64)
+    plain = Augmenter(pre_cfg(**base).pre).photometric(image, np.random.default_rng(0))
+    jittered = Augmenter(pre_cfg(**base, stain_jitter=0.2).pre).photometric(image, np.random.default_rng(0))
+    assert torch.equal(plain, to_tensor_image(image))
+    assert jittered.shape == plain.shape and jittered.dtype == torch.float32
+    assert (jittered - plain).abs().mean() > 0.005
+
+
+def test_stain_settings_are_checked(tmp_path):
+    for text, match in (("[pre]\nstain_norm = macenko\n", "stain_norm"), ("[pre]\nstain_jitter = 1.5\n", "stain_jitter"),
+                        ("[train]\nbalance_group = True\nbalance_family = True\n", "balance_family")):
+        path = tmp_path / "bad.ini"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            load_config(path, user_path=None)

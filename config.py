@@ -86,6 +86,9 @@ class TrainConfig:
     balance_family: bool
     checkpoint_dir: str
     log_dir: str
+    sync_bn: bool
+    valid_max_images: int = _at_least(0)
+    valid_max_minutes: float = _at_least(0)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -11,6 +12,7 @@ from tqdm.auto import tqdm
 
 from config import Config, InputError
 from dataset.targets import make_targets
+from distributed import SINGLE, World
 from metrics import match
 from model import iou_score, multitask_loss
 from postprocess import postprocess
@@ -114,7 +116,8 @@ def autocast_forward(model, image: torch.Tensor, dtype: torch.dtype | None) -> d
 def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device, epoch: int,
                     scaler: torch.amp.GradScaler | None, stop: Callable[[], bool] | None = None,
                     show_progress: bool = True, *, first_step: int = 0,
-                    before_step: Callable[[int], None] | None = None) -> tuple[dict[str, float], int]:
+                    before_step: Callable[[int], None] | None = None,
+                    world: World = SINGLE) -> tuple[dict[str, float], int]:
     """Train over `loader` once. Returns (mean stats, number of the next batch of this epoch).
 
     `first_step`: batches of this epoch trained before (a resumed epoch; the loader already
@@ -126,6 +129,12 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device,
     Stats: 'loss', 'loss_<head>', 'iou_<head>', 'time' (seconds per batch), 'io' (seconds per
     batch spent waiting for data). Gradients are accumulated over `grad_accum` batches and
     clipped to `grad_clip`. A NaN or infinite loss raises NonFiniteLoss before any update.
+
+    Under torchrun (`world`, `model` a DistributedDataParallel, `loader` one process's share of
+    each global batch, see distributed.RankBatches): the processes agree on every step's global
+    batch size and on a non-finite loss in any of them (one small all-reduce per batch), each
+    process weighs its loss by its share of the global batch, and the stats are means over all
+    processes. `stop()` must then return the same answer in every process.
     """
     train_cfg = cfg.train
     model.train()
@@ -147,16 +156,31 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device,
             image = image.contiguous(memory_format=torch.channels_last)
         outputs = autocast_forward(model, image, dtype)
         loss, per_head = multitask_loss(outputs, batch, cfg.loss)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        n = image.shape[0]
+        share = 1.0
+        if world.grouped:
+            if "real" in batch:  # a padding sample only keeps this process in the gradient exchange
+                n = int(batch["real"].sum())
+            n_global, n_bad = world.sum([n, 0.0 if finite else 1.0])
+            if n_bad and finite:
+                raise NonFiniteLoss(f"epoch {epoch} step {step}: the loss is not finite in {n_bad:g} of "
+                                    f"{world.size} processes; stopping. Lower [train] learn_rate or check the "
+                                    f"data; the last checkpoint is kept")
+            share = world.size * n / n_global
+        if not finite:
             raise NonFiniteLoss(f"epoch {epoch} step {step}: the loss is {loss.item()}; stopping. "
                                 f"Lower [train] learn_rate or check the data; the last checkpoint is kept")
-        scaled = loss / train_cfg.grad_accum
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        scaled = loss * (share / train_cfg.grad_accum)
+        update = pending + 1 == train_cfg.grad_accum or step == last
+        # DDP exchanges gradients only on the batch of an optimizer step; the others accumulate locally
+        local = model.no_sync() if world.grouped and not update else nullcontext()
+        with local:
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         pending += 1
-        if pending == train_cfg.grad_accum or step == last:
+        if update:
             _step(model, optimizer, scaler, train_cfg.grad_clip)
             pending = 0
-        n = image.shape[0]
         stats.add("loss", loss.item(), n)
         for name, logits in outputs.items():
             stats.add(f"loss_{name}", per_head[name].item(), n)
@@ -170,10 +194,32 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device,
         tick = time.perf_counter()
         if step < last and stop is not None and stop():
             if pending:
+                if world.grouped:
+                    _average_gradients(model, world.size)
                 _step(model, optimizer, scaler, train_cfg.grad_clip)
             break
     bar.close()
+    if world.grouped:
+        heads = getattr(model, "module", model).heads
+        keys = ["loss", *(f"loss_{h}" for h in heads), *(f"iou_{h}" for h in heads), "time", "io"]
+        return _means_over(world, stats, keys), step + 1
     return stats.means(), step + 1
+
+
+def _average_gradients(model, size: int) -> None:
+    """Average the gradients that batches under DDP's no_sync accumulated in each process alone."""
+    import torch.distributed as dist
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= size
+
+
+def _means_over(world: World, stats: RunningMean, keys: list[str]) -> dict[str, float]:
+    """The means of `keys` over the samples of all processes (keys no process counted are left out)."""
+    values = world.sum([stats.total[k] for k in keys] + [stats.count[k] for k in keys])
+    totals, counts = values[:len(keys)], values[len(keys):]
+    return {k: t / c for k, t, c in zip(keys, totals, counts) if c > 0}
 
 
 def _step(model, optimizer, scaler, grad_clip: float) -> None:
@@ -190,7 +236,8 @@ def _step(model, optimizer, scaler, grad_clip: float) -> None:
 
 
 @torch.inference_mode()
-def evaluate(model, loader, cfg: Config, device: torch.device) -> tuple[dict[str, float], dict | None]:
+def evaluate(model, loader, cfg: Config, device: torch.device,
+             world: World = SINGLE) -> tuple[dict[str, float], dict | None]:
     """Validation pass through the one inference path (`inference.predict_image`): every image of
     `loader.dataset` (a NucleiDataset) is read, prepared with `[pre]`, predicted with `[valid]`
     padding, tiles and TTA, and post-processed with `[post]`, exactly as `valid.py --no-tuned`
@@ -200,6 +247,12 @@ def evaluate(model, loader, cfg: Config, device: torch.device) -> tuple[dict[str
     against the targets, and 'dsb', the DSB2018 score of the instances; the first image's
     {'image', targets..., '<head>_prob'} for pictures). The losses are those of the TTA-averaged
     probabilities (as logits), so they are comparable between epochs, not with training losses.
+
+    `[train] valid_max_images` (0: all) scores only the first that many images, `[train]
+    valid_max_minutes` (0: no limit) stops the pass when the time is up (after at least one image
+    per process); a cut pass says so in one line. Under torchrun (`world`) process r scores images
+    r, r + size, ... and the sums are added over the processes, so the means are those of one
+    process over the same images.
     """
     from inference import Member, member_input, predict_image
 
@@ -210,7 +263,16 @@ def evaluate(model, loader, cfg: Config, device: torch.device) -> tuple[dict[str
     stats = RunningMean()
     first = None
     eps = 1e-6
-    for index in range(len(data)):
+    n_images = len(data)
+    n_used = min(n_images, cfg.train.valid_max_images) if cfg.train.valid_max_images else n_images
+    seconds = 60 * cfg.train.valid_max_minutes
+    started = time.monotonic()
+    done, timed_out = 0, False
+    for index in range(world.rank, n_used, world.size):
+        if seconds and done and time.monotonic() - started > seconds:
+            timed_out = True
+            break
+        done += 1
         image, truth = data.decoded(index)
         probs = predict_image([member], image, cfg.valid, device=device)
         instances = postprocess(probs, cfg.post)
@@ -228,4 +290,14 @@ def evaluate(model, loader, cfg: Config, device: torch.device) -> tuple[dict[str
             first = {"image": member_input(member, image)}
             first.update({k: targets[k][0] for k in TARGETS if k in targets})
             first.update({f"{k}_prob": v[0] for k, v in maps.items()})
-    return stats.means(), first
+    keys = ["dsb", "loss", *(f"loss_{h}" for h in bare.heads), *(f"iou_{h}" for h in bare.heads)]
+    means = _means_over(world, stats, keys)
+    done, timed_out = world.sum([done, float(timed_out)])
+    if world.main and done < n_images:
+        why = []
+        if n_used < n_images:
+            why.append(f"[train] valid_max_images = {cfg.train.valid_max_images}")
+        if timed_out:
+            why.append(f"[train] valid_max_minutes = {cfg.train.valid_max_minutes:g} reached")
+        print(f"Validation scored {done:g} of {n_images} images ({'; '.join(why)})", flush=True)
+    return means, first

@@ -16,12 +16,20 @@ budget cut short is finished first.
 Settings come from config_default.ini, ./config.ini and --config PATH. Checkpoints go to
 [train] checkpoint_dir (ckpt-<epoch>.pkl every n_ckpt_epoch epochs, best.pkl by validation
 score, current.json naming the latest); TensorBoard logs to [train] log_dir.
+
+    torchrun --nproc_per_node=4 train.py --config my.ini   # DistributedDataParallel, four GPUs
+
+Under torchrun every process trains its share of each batch of [train] n_batch samples (see
+distributed.py); process 0 alone prints, logs and writes checkpoints, in the same format as one
+process, so a run resumes on any number of processes.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +40,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from config import Config, InputError, load_and_report, run_main
 from dataset import NucleiDataset, make_sampler, training_split
+from distributed import (SHM_HINT, SINGLE, Padded, RankBatches, World, is_shared_memory_error, setup,
+                         sync_batch_norm)
 from engine import choose_precision, evaluate, train_one_epoch
 from model import build_model, count_parameters
 from model.checkpoint import (latest_checkpoint, load_weights, model_config_of, read_checkpoint,
@@ -176,13 +186,19 @@ class EpochOrder(Sampler):
         return max(0, (len(self.weighted) if self.weighted is not None else self.n) - self.skip)
 
 
-def make_loaders(cfg: Config, device: torch.device, train_samples, valid_samples, seed: int):
+def make_loaders(cfg: Config, device: torch.device, train_samples, valid_samples, seed: int,
+                 world: World = SINGLE):
     train_data = NucleiDataset(train_samples, cfg, augment=True, seed=seed)
     generator = torch.Generator()
     order = EpochOrder(len(train_samples), seed, make_sampler(train_samples, cfg, generator), generator)
-    train_loader = DataLoader(train_data, batch_size=cfg.train.n_batch, sampler=order,
-                              num_workers=cfg.train.n_worker, generator=order.loader_generator,
-                              pin_memory=device.type == "cuda")
+    if world.grouped:  # every process draws the same order and takes its share of each batch
+        batches = RankBatches(order, cfg.train.n_batch, world.rank, world.size, len(train_data))
+        train_loader = DataLoader(Padded(train_data), batch_sampler=batches, num_workers=cfg.train.n_worker,
+                                  generator=order.loader_generator, pin_memory=device.type == "cuda")
+    else:
+        train_loader = DataLoader(train_data, batch_size=cfg.train.n_batch, sampler=order,
+                                  num_workers=cfg.train.n_worker, generator=order.loader_generator,
+                                  pin_memory=device.type == "cuda")
     valid_loader = None
     if valid_samples:
         valid_loader = DataLoader(NucleiDataset(valid_samples, cfg, augment=False), batch_size=1,
@@ -296,15 +312,50 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+class NoWriter:
+    """Stands in for the TensorBoard writer in the processes other than rank 0."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def add_image(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def shared_memory_error(exc: BaseException) -> InputError:
+    last = [line.strip() for line in str(exc).splitlines() if line.strip()][-1:] or [type(exc).__name__]
+    return InputError(f"the data loader workers ran out of shared memory: {SHM_HINT} "
+                      f"(PyTorch said: {last[0][:160]})")
+
+
 def main(argv=None):
+    """Train (see the module docstring); under torchrun as one of the processes (distributed.py)."""
     args = parse_args(argv)
+    world = setup()
+    # the processes other than rank 0 print nothing: one set of lines, as from one process
+    with contextlib.ExitStack() as stack:
+        if not world.main:
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        epoch = train(args, world)
+    world.close()
+    return epoch
+
+
+def train(args, world: World) -> int:
     cfg = load_and_report(args.config)
     if args.epoch is not None and args.epoch < 0:
         raise InputError(f"--epoch {args.epoch}: must be 0 or more")
     if args.budget is not None and args.budget <= 0:
         raise InputError(f"--budget {args.budget:g}: must be above 0 minutes")
+    if world.grouped and cfg.train.n_batch < world.size:
+        raise InputError(f"[train] n_batch = {cfg.train.n_batch}: fewer samples per step than the {world.size} "
+                         f"processes; n_batch counts the samples of one optimizer step over all processes, "
+                         f"raise it to {world.size} or more")
     torch.manual_seed(cfg.train.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = world.device
 
     ckpt_dir = Path(cfg.train.checkpoint_dir)
     earlier = earlier_run_files(ckpt_dir) if not args.resume else []
@@ -314,13 +365,20 @@ def main(argv=None):
                          f"instead, or set another [train] checkpoint_dir")
     train_samples, valid_samples = training_split(cfg)
     batches = math.ceil(len(train_samples) / cfg.train.n_batch)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if cfg.train.sync_bn and world.grouped:
+        model = sync_batch_norm(model, world)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    processes = ""
+    if world.grouped:
+        processes = (f" x {world.size} processes (DistributedDataParallel, {cfg.train.n_batch} samples per step "
+                     f"over all, {'synchronised' if cfg.train.sync_bn else 'per-process'} batch norm)")
     print(f"{cfg.model.model} with a {cfg.model.encoder} encoder, "
           f"{'shared' if cfg.model.shared_decoder else 'separate'} decoders, "
-          f"{count_parameters(model) / 1e6:.2f} M parameters, on {device}; {len(train_samples)} training and "
-          f"{len(valid_samples)} validation images")
+          f"{count_parameters(model) / 1e6:.2f} M parameters, on {device}{processes}; {len(train_samples)} "
+          f"training and {len(valid_samples)} validation images")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.learn_rate, weight_decay=cfg.train.weight_decay)
     dtype, why = choose_precision(cfg.train.amp, device)
     print(f"Precision: {'float32' if dtype is None else str(dtype).removeprefix('torch.')} ({why})")
@@ -328,17 +386,24 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     plan, epoch, step, best = resume_state(cfg, args, model, optimizer, scaler, batches)
     train_data, order, train_loader, valid_loader = make_loaders(cfg, device, train_samples, valid_samples,
-                                                                 plan.seed)
+                                                                 plan.seed, world)
+    # rank 0 decodes (and caches) first, the other processes then read the cache
+    if not world.main:
+        world.barrier()
     check_samples(train_data, valid_loader.dataset if valid_loader is not None else None)
-    if device.type == "cuda" and torch.cuda.device_count() > 1:
-        model = torch.nn.DataParallel(model)
-    for path in earlier:
-        path.unlink()
-    if earlier:
-        print(f"--overwrite: deleted {len(earlier)} files of the earlier run in {ckpt_dir}")
+    if world.main:
+        world.barrier()
+        for path in earlier:
+            path.unlink()
+        if earlier:
+            print(f"--overwrite: deleted {len(earlier)} files of the earlier run in {ckpt_dir}")
 
-    from tensorboardX import SummaryWriter
-    writer = SummaryWriter(cfg.train.log_dir)
+    if world.main:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(cfg.train.log_dir)
+    else:
+        writer = NoWriter()
+    bare, frozen = model, None
     first_epoch = epoch if step else epoch + 1
     started = time.monotonic()
     trained_images, trained_seconds = 0, 0.0
@@ -346,11 +411,19 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats(device)
 
     def elapsed() -> float:
-        """Seconds this run has spent training, validating and saving, over all its invocations."""
-        return plan.elapsed_s + time.monotonic() - started
+        """Seconds this run has spent training, validating and saving, over all its invocations
+        (with a budget under torchrun, the most of all processes, so that they agree on the rate
+        and on the stop: every process must make the same calls)."""
+        seconds = plan.elapsed_s + time.monotonic() - started
+        return world.max(seconds) if plan.budget_s is not None else seconds
     try:
         for epoch in range(first_epoch, plan.end + 1):
-            unwrap(model).freeze_encoder(epoch <= cfg.model.freeze_encoder_epochs)
+            freeze = epoch <= cfg.model.freeze_encoder_epochs
+            if freeze != frozen:
+                bare.freeze_encoder(freeze)
+                frozen = freeze
+                # DDP exchanges the gradients of the parameters that need one when it is built
+                model = world.wrap(bare)
             first_step = step if epoch == first_epoch else 0
             train_data.set_epoch(epoch)
             order.set_epoch(epoch, first_step * cfg.train.n_batch)
@@ -358,8 +431,8 @@ def main(argv=None):
             def before_step(k, epoch=epoch):
                 set_lr(optimizer, plan.rate(epoch - 1 + k / batches, elapsed()))
             stats, step = train_one_epoch(model, train_loader, optimizer, cfg, device, epoch, scaler,
-                                          lambda: plan.spent(elapsed()), show_progress=not args.quiet,
-                                          first_step=first_step, before_step=before_step)
+                                          lambda: plan.spent(elapsed()), show_progress=not args.quiet and world.main,
+                                          first_step=first_step, before_step=before_step, world=world)
             trained_images += min(len(order), (step - first_step) * cfg.train.n_batch)
             trained_seconds += stats.get("time", 0.0) * (step - first_step)
             cut = step < batches
@@ -379,7 +452,8 @@ def main(argv=None):
             validate = valid_loader is not None and cfg.train.n_cv_epoch and (
                 epoch % cfg.train.n_cv_epoch == 0 or stopped or epoch == plan.end)
             if validate:
-                valid_stats, sample = evaluate(model, valid_loader, cfg, device)
+                world.broadcast_buffers(bare)
+                valid_stats, sample = evaluate(model, valid_loader, cfg, device, world)
                 for key, value in valid_stats.items():
                     writer.add_scalar(f"valid/{key}", value, epoch)
                 if sample is not None:
@@ -390,13 +464,15 @@ def main(argv=None):
                 if score > best:
                     best = scores["best"] = score
                     run = {**dataclasses.asdict(plan), "elapsed_s": elapsed(), "step": step, "finished": finished}
-                    save_checkpoint(ckpt_dir / "best.pkl", model, cfg, optimizer, None, epoch, scores,
-                                    update_pointer=False, scaler=scaler, run=run)
+                    if world.main:
+                        save_checkpoint(ckpt_dir / "best.pkl", model, cfg, optimizer, None, epoch, scores,
+                                        update_pointer=False, scaler=scaler, run=run)
             print(line, flush=True)
             if epoch % cfg.train.n_ckpt_epoch == 0 or stopped or epoch == plan.end:
                 run = {**dataclasses.asdict(plan), "elapsed_s": elapsed(), "step": step, "finished": finished}
-                save_checkpoint(ckpt_dir / f"ckpt-{epoch}.pkl", model, cfg, optimizer, None, epoch, scores,
-                                scaler=scaler, run=run)
+                if world.main:
+                    save_checkpoint(ckpt_dir / f"ckpt-{epoch}.pkl", model, cfg, optimizer, None, epoch, scores,
+                                    scaler=scaler, run=run)
             if stopped:
                 at = (f"in epoch {epoch} of {plan.end}, after {step} of {batches} batches" if cut
                       else f"after epoch {epoch} of {plan.end}")
@@ -404,6 +480,10 @@ def main(argv=None):
                       f"with the schedule at its end (lr {optimizer.param_groups[0]['lr']:.3g}); the next "
                       f"train.py starts a fresh schedule" + (f", finishing epoch {epoch} first" if cut else ""))
                 break
+    except (RuntimeError, OSError) as exc:
+        if is_shared_memory_error(exc):
+            raise shared_memory_error(exc) from None
+        raise
     finally:
         writer.close()
     print(f"Training finished at epoch {epoch}; checkpoints in {ckpt_dir}")

@@ -161,6 +161,7 @@ class ValidConfig:
     test_time_augment: bool
     tta_rotate: bool
     ensemble: str = _choices("mean", "vote")
+    max_memory_mb: int = _at_least(0)
 
 
 @dataclass(frozen=True)

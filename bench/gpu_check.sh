@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-GPU check of configs/gpu_recipe.ini, meant to finish in a few minutes on one card:
 # a few hundred training steps of the recipe (CAMUNet, separate decoders, ResNet34) with float16
-# autocast, loss scaling and channels-last, one validation pass with valid.py, images per second
+# autocast, loss scaling and channels-last (no validation during training), one validation pass with
+# valid.py on the last checkpoint, images per second
 # and peak GPU memory; and a two-process torchrun run when the machine has two GPUs and train.py
 # supports torchrun. Run it whenever a GPU is at hand and record what it prints in docs/training.md.
 #
@@ -33,7 +34,7 @@ parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpola
 parser.optionxform = str
 parser.read("configs/gpu_recipe.ini")
 overrides = {"model": {"pretrained": "False", "freeze_encoder_epochs": "2"},
-             "train": {"n_epoch": epochs, "amp": amp, "n_cv_epoch": epochs, "n_ckpt_epoch": epochs,
+             "train": {"n_epoch": epochs, "amp": amp, "n_cv_epoch": "0", "n_ckpt_epoch": epochs,
                        "checkpoint_dir": f"{work}/checkpoint", "log_dir": f"{work}/runs"},
              "dataset": {"root": f"{work}/data", "cache_dir": f"{work}/cache"}}
 for section, values in overrides.items():
@@ -52,7 +53,7 @@ echo "train.py wall time: $((SECONDS - start)) s (first epoch decodes every imag
 
 echo "== one validation pass: valid.py with flip TTA and the recipe's random-walker post-processing"
 start=$SECONDS
-"$PY" valid.py "$WORK/checkpoint/best.pkl" --config "$WORK/check.ini" --dataset valid --no-figures \
+"$PY" valid.py "$WORK/checkpoint/ckpt-$EPOCHS.pkl" --config "$WORK/check.ini" --dataset valid --no-figures \
     --scores "$WORK/scores.csv"
 n=$(($(wc -l < "$WORK/scores.csv") - 1))
 echo "valid.py wall time: $((SECONDS - start)) s for $n images (model loading included)"

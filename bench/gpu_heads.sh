@@ -28,7 +28,7 @@ for model in unet caunet camunet; do
     extra=()
     [ "$model" = unet ] || extra=(--config "configs/ablation/$model.ini")
     "$PY" bench/accuracy.py --config configs/cpu_recipe_v5.ini "${extra[@]}" --config "$WORK/gpu.ini" \
-        --budget "$BUDGET" --data "$DATA" --work "$WORK" --name "v5_${model}_gpu" --valid-args "--keep-policy" \
+        --budget "$BUDGET" --data "$DATA" --work "$WORK" --name "v5_${model}_gpu" --valid-args=--keep-policy \
         --results "$RESULTS.$model" > "$WORK/$model.log" 2>&1 &
 done
 status=0

@@ -335,3 +335,50 @@ def test_train_one_epoch_on_a_timelapse_layout_and_validate_by_sequence(tmp_path
     valid.main(["ckpt/ckpt-1.pkl", "--config", "tiny.ini", "--dataset", "valid", "--scores", "scores.csv"])
     scores = pd.read_csv(tmp_path / "scores.csv")
     assert len(scores) == 1
+
+
+def test_the_layout_code_imports_without_torch(tmp_path):
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    code = ("import sys, dataset.layouts, tests.layout_files, split; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+
+
+def docs_blocks() -> list[tuple[str, str]]:
+    """(section title, shell text) of the sh blocks in docs/datasets.md's walk-through section."""
+    import re
+    from tests.conftest import REPO
+    text = (REPO / "docs" / "datasets.md").read_text()
+    text = text[text.index("## From each challenge's raw layout"):]
+    blocks, title = [], "setup"
+    for part in re.split(r"^(### .*)$", text, flags=re.M):
+        if part.startswith("### "):
+            title = part[4:]
+            continue
+        blocks += [(title, block) for block in re.findall(r"```sh\n(.*?)```", part, flags=re.S)]
+    return blocks
+
+
+@pytest.mark.slow
+def test_the_commands_of_docs_datasets_md_run(tmp_path):
+    """Every command block of docs/datasets.md's walk-through, in order, in a scratch folder (python3
+    is this interpreter, the scripts are the repository's); each validation writes its scores."""
+    import re
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    blocks = docs_blocks()
+    assert [t for t, _ in blocks][:1] == ["setup"] and len(blocks) == 5
+    for title, block in blocks:
+        script = re.sub(r"python3 (\w+\.py)", rf"{sys.executable} {REPO}/\1", block)
+        script = script.replace("python3 -m", f"{sys.executable} -m")
+        result = subprocess.run(["bash", "-euc", script], cwd=tmp_path, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert result.returncode == 0, f"{title}: {result.stderr[-2000:]}"
+    for name in ("dice", "neurips", "aihero", "cellmap"):
+        scores = pd.read_csv(tmp_path / "out" / name / "valid_scores.csv")
+        assert len(scores) == 2, name

@@ -24,7 +24,8 @@ import numpy as np
 from atomic import atomic_path
 from config import Config, load_and_report, run_main
 from dataset.augment import Augmenter, item_generator, prepare_image
-from dataset.io import list_samples, read_sample_cached
+from dataset.io import read_sample_cached
+from dataset.layouts import layout_samples
 from dataset.selection import read_whitelist, sample_groups, split_ids
 from dataset.targets import make_targets
 
@@ -94,14 +95,15 @@ def draw(items: list[dict], path: Path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", nargs="?", default="sample/stage1_train", help="folder in the DSB2018 layout")
+    parser.add_argument("root", nargs="?", default="sample/stage1_train",
+                        help="dataset folder in any layout of [dataset] layout (docs/datasets.md)")
     parser.add_argument("--out", default="out/preview", help="folder for preview.png")
     parser.add_argument("--n", type=int, default=4, help="number of augmented samples to draw")
     parser.add_argument("--config", help="extra settings file, read after config.ini")
     args = parser.parse_args(argv)
     cfg = load_and_report(args.config)
 
-    samples = list_samples(args.root)
+    samples = layout_samples(args.root, cfg.dataset)
     for line in summarize(samples, cfg):
         print(line)
     labelled = [s for s in samples if s.mask_paths is not None]

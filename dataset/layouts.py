@@ -26,7 +26,7 @@ import os
 import re
 from pathlib import Path
 
-from config import DatasetConfig, InputError
+from config import Config, DatasetConfig, InputError
 from dataset.io import IMAGE_SUFFIXES, SampleFiles, list_samples
 
 LAYOUTS = ("dsb2018", "im_mask", "timelapse", "label_images")
@@ -94,6 +94,23 @@ def percentiles_for(cfg: DatasetConfig, layout: str) -> tuple[float, float] | No
     if cfg.normalize == "percentile" or (cfg.normalize == "auto" and layout != "dsb2018"):
         return (cfg.percentile_low, cfg.percentile_high)
     return None
+
+
+def settle_normalize(cfg: Config, samples: list[SampleFiles]) -> Config:
+    """`cfg` with `[dataset] normalize = auto` replaced by what it meant for `samples` (the training
+    samples, all of one normalisation): percentile or range. A checkpoint saved with the result
+    tells `prediction_percentiles` how the network saw its images, whatever folder it predicts."""
+    if cfg.dataset.normalize != "auto" or not samples:
+        return cfg
+    return cfg.replace("dataset", normalize="range" if samples[0].percentiles is None else "percentile")
+
+
+def prediction_percentiles(cfg: DatasetConfig) -> tuple[float, float] | None:
+    """The `read_image` percentiles for an image read outside any layout (a folder of images to
+    predict) with a checkpoint's `[dataset]` settings: (low, high) for percentile, None for range
+    and for auto, which a checkpoint only holds when it was trained before `settle_normalize`
+    existed, on DSB2018 images read as stored."""
+    return (cfg.percentile_low, cfg.percentile_high) if cfg.normalize == "percentile" else None
 
 
 def _one_per_stem(paths: list[Path], folder: Path, what: str) -> dict[str, Path]:

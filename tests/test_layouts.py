@@ -13,7 +13,8 @@ import tifffile
 import split
 from config import InputError
 from dataset.io import list_samples, read_image, read_sample, read_sample_cached
-from dataset.layouts import detect_layout, layout_samples, matching_layouts, read_split_csv, write_split_csv
+from dataset.layouts import (detect_layout, layout_samples, matching_layouts, prediction_percentiles,
+                              read_split_csv, settle_normalize, write_split_csv)
 from dataset.selection import named_samples, training_split
 from tests import layout_files as lf
 
@@ -74,6 +75,18 @@ def test_dsb2018_samples_are_read_as_before(tmp_path, cfg):
         assert (image == read_image(files.image_path)).all()
     stretched = layout_samples(tmp_path / "dsb", dataclasses.replace(cfg.dataset, normalize="percentile"))
     assert stretched[0].percentiles == (1.0, 99.8)
+
+
+def test_auto_normalisation_is_settled_for_the_checkpoint(tmp_path, cfg):
+    lf.write_dsb(tmp_path / "dsb", n=1)
+    lf.write_im_mask(tmp_path / "dice", n=1)
+    dsb, dice = (layout_samples(tmp_path / name, cfg.dataset) for name in ("dsb", "dice"))
+    assert settle_normalize(cfg, dsb).dataset.normalize == "range"
+    settled = settle_normalize(cfg, dice)
+    assert settled.dataset.normalize == "percentile" and prediction_percentiles(settled.dataset) == (1.0, 99.8)
+    assert prediction_percentiles(cfg.dataset) is None  # auto: a checkpoint trained on DSB2018 as stored
+    explicit = cfg.replace("dataset", normalize="range")
+    assert settle_normalize(explicit, dice) is explicit and prediction_percentiles(explicit.dataset) is None
 
 
 def test_percentile_normalisation_of_16_bit_grey_and_two_channel_images(tmp_path):

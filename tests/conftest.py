@@ -31,16 +31,22 @@ def make_sample(root: Path, sample_id: str, image: np.ndarray, masks: list[np.nd
     return folder
 
 
-def run_in_kernel(workdir: Path, cells: list[str]) -> list[dict]:
+def run_in_kernel(workdir: Path, cells: list[str], outputs: list | None = None) -> list[dict]:
     """Run notebook cells one by one in a real IPython kernel started in `workdir`; returns each
-    cell's reply content, and checks after the last one that the kernel still answers."""
+    cell's reply content, and checks after the last one that the kernel still answers. `outputs`,
+    when given, receives for each cell the list of its output messages' (msg_type, content)."""
     import os
     from jupyter_client.manager import start_new_kernel
     manager, client = start_new_kernel(kernel_name="python3", cwd=str(workdir),
                                        env={**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"})
     try:
-        replies = [client.execute_interactive(cell, timeout=240, output_hook=lambda msg: None)["content"]
-                   for cell in cells]
+        replies = []
+        for cell in cells:
+            seen = []
+            replies.append(client.execute_interactive(
+                cell, timeout=240, output_hook=lambda msg: seen.append((msg["msg_type"], msg["content"])))["content"])
+            if outputs is not None:
+                outputs.append(seen)
         assert client.execute_interactive("1 + 1", timeout=30, output_hook=lambda m: None)["content"]["status"] == "ok"
         return replies
     finally:

@@ -3,6 +3,8 @@
     python3 valid.py --dataset valid                   # side-by-side figures, per-image scores, mean
     python3 valid.py ckptA.pkl ckptB.pkl --csv         # ensemble two checkpoints, write a submission
     python3 valid.py --dataset valid --tune            # grid-search [post] thresholds, save them
+    python3 valid.py --dataset test --dice-csv dice.csv  # the Dice challenge's submission (img,pixels)
+    python3 valid.py --dataset valid --metric all      # every score: DSB, Dice, border-free F1, instance Dice
     %matplotlib inline; %run valid.py --dataset valid  # figures inline in a notebook
 
 With no checkpoint, the one named by [train] checkpoint_dir/current.json is used. The checkpoint
@@ -13,6 +15,12 @@ ensemble gets its input prepared with its own [pre]. Images come from [dataset] 
 `--dataset valid` without a valid/ folder uses the held-out split that train.py uses. Thresholds
 tuned with --tune are saved next to the first checkpoint (<checkpoint>.post.json) and used from then
 on (an explicit [post] setting still wins) unless --no-tuned is given.
+
+Scores (metrics.py): the table always holds the DSB2018 score, precision, recall and F1 at IoU 0.5
+and the semantic Dice; `--metric` names the headline score, by default the one of the data's layout
+(dsb2018: dsb; im_mask, the Dice challenge: dice; label_images, NeurIPS 2022: f1_border; timelapse,
+AI-HERO: instance_dice), and adds the f1_border and instance_dice columns when named (all: both).
+With [valid] max_memory_mb the tile size is chosen per image to fit the cap (tile_budget.py).
 """
 from __future__ import annotations
 
@@ -29,10 +37,11 @@ from config import Config, InputError, load_and_report, run_main, under_saved
 from dataset.selection import named_samples
 from dataset.io import read_sample_cached
 from inference import Member, predict_image
-from metrics import match, mean_scores, score_table
+from labelio import LABEL_FORMATS, write_labels
+from metrics import EXTRA_COLUMNS, extra_scores, match, mean_scores, score_table
 from model.checkpoint import latest_checkpoint, load_model
 from postprocess import postprocess
-from rle import labels_to_rows, write_submission
+from rle import ORDERS, labels_to_rows, semantic_row, write_dice_submission, write_submission
 from tuning import grid_for, resolve_post, tune, tuned_path, write_tuned
 
 CHECKPOINT_SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt")
@@ -40,6 +49,9 @@ CHECKPOINT_SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt")
 # nucleus_diameter: with size_norm on)
 PRE_AT_PREDICTION = ("stretch", "clahe", "width", "size_norm", "nucleus_diameter")
 FIGURES = "out/figures"
+METRICS = ("dsb", "dice", "f1_border", "instance_dice", "all")
+# the score each challenge ranks by, for the layout its data comes in (docs/predict.md)
+METRIC_OF_LAYOUT = {"dsb2018": "dsb", "im_mask": "dice", "label_images": "f1_border", "timelapse": "instance_dice"}
 
 
 def parse_args(argv):
@@ -54,7 +66,16 @@ def parse_args(argv):
     parser.add_argument("--no-figures", dest="figures", action="store_false",
                         help="no figures (they are made by default unless an output below is asked for)")
     parser.add_argument("--masks", metavar="DIR", help="write predicted instances as DSB-layout mask PNGs")
-    parser.add_argument("--labels", metavar="DIR", help="write one label TIFF (uint16/int32) per image")
+    parser.add_argument("--labels", metavar="DIR", help="write one label image <id>.tif per image (labelio.py)")
+    parser.add_argument("--label-format", choices=LABEL_FORMATS, default="tif", help="--labels as tif or png")
+    parser.add_argument("--dice-csv", metavar="PATH",
+                        help="write the Dice challenge's submission (img,pixels: each image's foreground)")
+    parser.add_argument("--dice-order", choices=tuple(ORDERS), default="column",
+                        help="pixel numbering of --dice-csv: column (top to bottom, then left to right: the "
+                             "challenge's written rule, the default) or row (its sample code's flatten())")
+    parser.add_argument("--metric", choices=METRICS,
+                        help="headline score (default: the one of the data's layout); f1_border, "
+                             "instance_dice and all add their columns to the table")
     parser.add_argument("--scores", metavar="PATH", help="write the per-image score table as CSV")
     parser.add_argument("--tune", action="store_true", help="grid-search [post] on this labelled set and save it")
     parser.add_argument("--keep-policy", action="store_true", help="--tune only the thresholds, keep [post] policy")
@@ -96,15 +117,15 @@ def reclaim_checkpoints(args, argv: list[str]):
 def refuse_overwrite(args, inputs: list[Path], samples) -> None:
     """No output may land on a checkpoint, a tuned file or the folders of the images read."""
     protected = {p.resolve() for p in inputs} | {tuned_path(p).resolve() for p in inputs}
-    for option in ("csv", "scores"):
+    for option in ("csv", "scores", "dice_csv"):
         value = getattr(args, option)
         if value is None:
             continue
         path = Path(value)
         if path.resolve() in protected or (path.is_file() and looks_like_checkpoint(value)):
-            raise InputError(f"{path}: --{option} would write over a checkpoint; give another path")
+            raise InputError(f"{path}: --{option.replace('_', '-')} would write over a checkpoint; give another path")
         if path.is_dir():
-            raise InputError(f"{path}: --{option} names a folder; give a file path")
+            raise InputError(f"{path}: --{option.replace('_', '-')} names a folder; give a file path")
     read = {s.data_root.resolve() for s in samples}
     for option in ("save", "masks", "labels"):
         value = getattr(args, option)
@@ -203,11 +224,22 @@ def write_masks(folder: Path, sample_id: str, image: np.ndarray, labels: np.ndar
             cv2.imwrite(str(tmp / "masks" / f"{n:04d}.png"), (labels == n).astype(np.uint8) * 255)
 
 
-def write_label_tiff(folder: Path, sample_id: str, labels: np.ndarray) -> None:
-    import tifffile
-    dtype = np.uint16 if labels.max() < 2 ** 16 else np.int32
-    with atomic_path(folder / f"{sample_id}.tif", ".tif") as tmp:
-        tifffile.imwrite(tmp, labels.astype(dtype))
+def default_metric(cfg: Config, name: str) -> tuple[str, str]:
+    """(metric, why): the score of the challenge whose layout the data is in; dsb when unknown."""
+    from dataset.layouts import detect_layout
+    layout = cfg.dataset.layout
+    if layout == "auto":
+        root = Path(cfg.dataset.root)
+        for folder in (root / name, root / "train"):
+            if folder.is_dir():
+                try:
+                    layout = detect_layout(folder)
+                except InputError:
+                    continue
+                break
+    if layout not in METRIC_OF_LAYOUT:
+        return "dsb", "the layout is not known"
+    return METRIC_OF_LAYOUT[layout], f"layout {layout}"
 
 
 def main(argv=None):
@@ -226,7 +258,14 @@ def main(argv=None):
     print(f"{len(members)} checkpoint(s) ({', '.join(p.name for p in paths)}) on {len(samples)} "
           f"{args.dataset} images, {device}, TTA {'on' if cfg.valid.test_time_augment else 'off'}, policy {post.policy}")
 
-    outputs = args.csv or args.masks or args.labels or args.scores or args.tune
+    metric, why = (args.metric, "--metric") if args.metric else default_metric(cfg, args.dataset)
+    extra = EXTRA_COLUMNS if metric == "all" else tuple(c for c in EXTRA_COLUMNS if c == metric)
+    budget = None
+    if cfg.valid.max_memory_mb and cfg.valid.pred_orig_size:
+        from tile_budget import measure_budget
+        budget = measure_budget(members, cfg.valid, device, cfg.valid.max_memory_mb)
+
+    outputs = args.csv or args.masks or args.labels or args.scores or args.tune or args.dice_csv
     figures = args.show or args.save or (args.figures and not outputs)
     if figures:
         import matplotlib
@@ -238,11 +277,12 @@ def main(argv=None):
         if args.save or not show:
             folder = Path(args.save or FIGURES)
             print(f"side-by-side figures -> {folder}")
-    rows, scores, kept, factors = [], {}, [], {}
+    rows, dice_rows, scores, extras, kept, factors = [], [], {}, {}, [], {}
     for files in tqdm(samples, desc="predicting", leave=False):
         image, truth = read_sample_cached(files, cfg.target.fill_holes, cfg.dataset.cache_dir)
         sizes = {}
-        probs = predict_image(members, image, cfg.valid, device=device, sizes=sizes)
+        valid = budget.valid_for(cfg.valid, *image.shape[:2]) if budget else cfg.valid
+        probs = predict_image(members, image, valid, device=device, sizes=sizes)
         for name, (_, factor) in sizes.items():
             factors.setdefault(name, []).append(factor)
         if args.tune:
@@ -254,12 +294,15 @@ def main(argv=None):
         title = f"{files.id[:16]}: {int(labels.max())} nuclei"
         if truth is not None:
             scores[files.id] = match(truth, labels)
+            extras[files.id] = extra_scores(truth, labels, extra)
             title += f", IoU {semantic_iou(truth, labels):.3f}, DSB score {scores[files.id].dsb:.3f}"
         rows += labels_to_rows(files.id, labels)
+        if args.dice_csv:
+            dice_rows.append(semantic_row(files.id, labels, args.dice_order))
         if args.masks:
             write_masks(Path(args.masks), files.id, image, labels)
         if args.labels:
-            write_label_tiff(Path(args.labels), files.id, labels)
+            write_labels(Path(args.labels) / f"{files.id}.{args.label_format}", labels)
         if figures:
             fig = draw(image, truth, labels, probs, title)
             if folder is not None:
@@ -280,16 +323,21 @@ def main(argv=None):
               + f"; saved to {tuned_path(paths[0])}")
         return score
     if scores:
-        table = score_table(scores)
+        table = score_table(scores, extras)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-        means = mean_scores(scores)
+        means = mean_scores(table)
         print("mean: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+        named = [k for k in means if k in ("dsb", "dice", *EXTRA_COLUMNS)] if metric == "all" else [metric]
+        print(f"score ({why}): " + ", ".join(f"mean {k} {means[k]:.4f}" for k in named))
         if args.scores:
             atomic_write_text(Path(args.scores), table.to_csv(index=False))
     if args.csv:
         write_submission(args.csv, rows)
         print(f"wrote {args.csv} ({len(rows)} rows, {len(samples)} images)")
-    return mean_scores(scores) if scores else None
+    if args.dice_csv:
+        write_dice_submission(args.dice_csv, dice_rows)
+        print(f"wrote {args.dice_csv} ({len(dice_rows)} images, {args.dice_order}-major pixel numbering)")
+    return mean_scores(table) if scores else None
 
 
 if __name__ == "__main__":

@@ -108,6 +108,37 @@ def test_masks_and_label_tiffs_round_trip(work):
             assert np.array_equal(labels > 0, tif > 0) and labels.max() == tif.max()
 
 
+def test_every_metric_the_dice_csv_and_png_labels(work, capsys):
+    """--metric all adds the border-free F1 and instance Dice columns; the Dice challenge CSV holds
+    each image's foreground, and both agree with the label images written beside them."""
+    import cv2
+    import pandas as pd
+    from metrics import f1_border, instance_dice
+    from rle import read_dice_submission
+    means = valid.main(["--dataset", "valid", "--config", "settings.ini", "--metric", "all", "--scores",
+                        "all.csv", "--dice-csv", "dice.csv", "--dice-order", "row", "--labels", "pngs",
+                        "--label-format", "png"])
+    assert set(means) == {"dsb", "precision", "recall", "f1", "dice", "f1_border", "instance_dice"}
+    assert "score (--metric): mean dsb" in capsys.readouterr().out
+    table = pd.read_csv(work / "all.csv")
+    rows = read_dice_submission(work / "dice.csv")
+    assert set(rows) == set(table["image_id"])
+    samples = {s.id: s for s in dataset_samples_of(work)}
+    for _, row in table.iterrows():
+        labels = cv2.imread(str(work / "pngs" / f"{row['image_id']}.png"), cv2.IMREAD_UNCHANGED)
+        _, truth = read_sample(samples[row["image_id"]])
+        assert labels.dtype == np.uint16
+        assert row["f1_border"] == pytest.approx(f1_border(truth, labels).f1)
+        assert row["instance_dice"] == pytest.approx(instance_dice(truth, labels))
+        assert np.array_equal(rle_decode(rows[row["image_id"]], labels.shape, "row"), labels > 0)
+
+
+def dataset_samples_of(work):
+    from config import load_config
+    cfg = load_config(work / "settings.ini", user_path=None)
+    return valid.dataset_samples(cfg, "valid")
+
+
 def test_tune_saves_thresholds_that_later_runs_use(work, capsys):
     score = valid.main(["--dataset", "valid", "--config", "settings.ini", "--tune"])
     saved = work / "ckpt" / "ckpt-2.pkl.post.json"

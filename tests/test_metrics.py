@@ -383,6 +383,7 @@ def test_instance_dice_worked_example():
     truth = strip((0, 9), (20, 25), (30, 33))
     pred = strip((2, 11), (20, 22), (40, 44))
     assert instance_dice(truth, pred) == pytest.approx(11 / 30)
+    assert match(truth, pred).f1 == pytest.approx(1 / 3)   # T2-P2 has IoU 0.5: no DSB match
     assert instance_dice(truth, truth) == 1.0
 
 

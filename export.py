@@ -208,11 +208,15 @@ def export_settings(path: Path, state: dict, cfg: Config, use_tuned: bool) -> di
         caller.append(f"[valid] pred_orig_size = False: resize the image to {pre.width}x{pre.width}, "
                       f"predict, resize the maps back")
     if valid.tile_size:
-        caller.append(f"[valid] tile_size = {valid.tile_size}: images with a longer side are predicted in "
-                      f"tiles overlapping by {valid.tile_overlap} pixels (inference._predict_tiled)")
+        caller.append(f"[valid] tile_size = {valid.tile_size}: an image with a side longer than that is "
+                      f"predicted in tiles overlapping by {valid.tile_overlap} pixels, blended "
+                      f"(inference._predict_tiled), to bound memory")
     if valid.test_time_augment or valid.tta_rotate:
-        caller.append("[valid] test-time augmentation: flip (and rotate) the input, undo each view on "
-                      "the maps, average")
+        views = ("flips" if valid.test_time_augment else "") + \
+            (" and 90-degree rotations" if valid.tta_rotate and valid.test_time_augment else
+             "90-degree rotations" if valid.tta_rotate else "")
+        caller.append(f"[valid] test-time augmentation ({views}; inference.tta_views): predict each view, "
+                      f"undo it on the maps, average")
     caller.append("post-processing into instances (postprocess.postprocess) with the [post] values below")
     return {
         "format": FORMAT,

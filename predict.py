@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from config import Config, InputError, load_and_report, run_main
+from config import InputError, load_and_report, run_main
 from dataset.io import IMAGE_SUFFIXES, read_image
+from dataset.layouts import prediction_percentiles
 from inference import predict_image
 from labelio import LABEL_FORMATS, NAMINGS, TIFF_SUFFIXES, label_name, write_labels
 from model.checkpoint import latest_checkpoint
@@ -131,27 +132,6 @@ def refuse_overwrite(source: Path, files: list[Path], targets: list[Path], check
             raise InputError(f"{path}: --dice-csv is also a label image's path")
 
 
-def input_percentiles(cfg: Config) -> tuple[tuple[float, float] | None, str]:
-    """How images are brought to uint8, as in training (dataset.layouts.percentiles_for), and why.
-
-    `[dataset] normalize` percentile or range says it. With auto, the training layout decides: the
-    checkpoint's [dataset] layout when it names one, else the layout of [dataset] root/train when
-    that folder is here; when neither is known, the DSB2018 reading (range)."""
-    from dataset.layouts import detect_layout, percentiles_for
-    data = cfg.dataset
-    if data.normalize != "auto":
-        return percentiles_for(data, "dsb2018"), f"[dataset] normalize = {data.normalize}"
-    layout, why = data.layout, f"[dataset] layout = {data.layout}"
-    if layout == "auto":
-        train = Path(data.root) / "train"
-        try:
-            layout = detect_layout(train)
-            why = f"the training folder {train} is in the {layout} layout"
-        except InputError:
-            layout, why = "dsb2018", "the training layout is unknown; set [dataset] normalize to choose"
-    return percentiles_for(data, layout), why
-
-
 def peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
         return (f"peak GPU memory {torch.cuda.max_memory_allocated(device) / MB:.0f} MB allocated, "
@@ -174,9 +154,10 @@ def main(argv=None):
     members, cfg = load_members(paths, cfg, device, args.override_pre)
     post, origin = resolve_post(cfg, paths[0], args.tuned)
     print("[post] " + ", ".join(f"{k} = {getattr(post, k)} ({origin[k]})" for k in origin))
-    percentiles, why = input_percentiles(cfg)
-    print(f"input intensities: {'percentiles %g to %g' % percentiles if percentiles else 'range (DSB2018 reading)'}"
-          f" ({why})")
+    percentiles = prediction_percentiles(cfg.dataset)  # as the checkpoint's training images were read
+    print("input intensities: " + (f"percentiles {percentiles[0]:g} to {percentiles[1]:g}" if percentiles
+                                   else "as stored (8-bit), other depths from minimum to maximum")
+          + f" ([dataset] normalize = {cfg.dataset.normalize})")
     budget = None
     if cfg.valid.max_memory_mb and cfg.valid.pred_orig_size:
         budget = measure_budget(members, cfg.valid, device, cfg.valid.max_memory_mb)

@@ -15,6 +15,7 @@ from dataset.targets import make_targets
 from distributed import SINGLE, World
 from metrics import match
 from model import iou_score, multitask_loss
+from model.checkpoint import unwrap
 from postprocess import postprocess
 
 TARGETS = ("semantic", "contour", "marker", "weight")
@@ -200,7 +201,7 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device,
             break
     bar.close()
     if world.grouped:
-        heads = getattr(model, "module", model).heads
+        heads = unwrap(model).heads
         keys = ["loss", *(f"loss_{h}" for h in heads), *(f"iou_{h}" for h in heads), "time", "io"]
         return _means_over(world, stats, keys), step + 1
     return stats.means(), step + 1
@@ -256,7 +257,7 @@ def evaluate(model, loader, cfg: Config, device: torch.device,
     """
     from inference import Member, member_input, predict_image
 
-    bare = model.module if hasattr(model, "module") else model
+    bare = unwrap(model)
     bare.eval()
     data = loader.dataset
     member = Member(bare, cfg.pre, "training model")

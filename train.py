@@ -373,8 +373,9 @@ def train(args, world: World) -> int:
         model = model.to(memory_format=torch.channels_last)
     processes = ""
     if world.grouped:
-        processes = (f" x {world.size} processes (DistributedDataParallel, {cfg.train.n_batch} samples per step "
-                     f"over all, {'synchronised' if cfg.train.sync_bn else 'per-process'} batch norm)")
+        plural = "es" if world.size > 1 else ""
+        processes = (f" x {world.size} process{plural} (DistributedDataParallel, {cfg.train.n_batch} samples per "
+                     f"step over all, {'synchronised' if cfg.train.sync_bn else 'per-process'} batch norm)")
     print(f"{cfg.model.model} with a {cfg.model.encoder} encoder, "
           f"{'shared' if cfg.model.shared_decoder else 'separate'} decoders, "
           f"{count_parameters(model) / 1e6:.2f} M parameters, on {device}{processes}; {len(train_samples)} "

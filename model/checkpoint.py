@@ -31,8 +31,12 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model under DataParallel / DistributedDataParallel wrappers."""
-    return model.module if hasattr(model, "module") else model
+    """The bare model under DistributedDataParallel (or DataParallel) wrappers, so a checkpoint
+    written under torchrun has the same keys as one written by one process. A model with
+    synchronised batch norms ([train] sync_bn) has the same keys as one with plain ones."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
 
 
 def rng_states() -> dict:

@@ -10,7 +10,7 @@ two floats a pixel a head, plus the blending weights: `image_bytes_per_pixel`), 
 tile through one network with every TTA view in its batch, which grows with the tile's pixels:
 `intercept + bytes_per_pixel * side**2`. The last is found per member by predicting two square
 probe tiles (sides `PROBE_SIDES` rounded to the network stride) and fitting the line; the largest
-member counts. On CUDA the probes are measured (`torch.cuda.max_memory_allocated` above what was
+member's intercept and slope count. On CUDA the probes are measured (`torch.cuda.max_memory_allocated` above what was
 allocated before); on a CPU, where no allocator reports its peak, they are estimated as the peak
 of the network's module outputs that are alive at once (tracked with forward hooks and weak
 references), plus the input batch and the output maps.
@@ -32,7 +32,10 @@ import torch
 from config import InputError, ValidConfig
 from inference import Member, predict_model
 
-PROBE_SIDES = (64, 128)
+# probe tile sides: on CUDA large enough that the per-pixel part dominates the fixed part (the
+# float16 copies of the weights that autocast caches, the cuDNN workspace), which at 64 and 128
+# pixels it does not (docs/predict.md); on a CPU the estimate has no fixed part, and small is fast
+PROBE_SIDES = {"cuda": (256, 512), "cpu": (64, 128)}
 MB = 2 ** 20
 
 
@@ -154,14 +157,16 @@ def measure_budget(members: list[Member], valid: ValidConfig, device, cap_mb: in
                     for t in (*model.parameters(), *model.buffers()))
     stride = max(model.stride for model in models)
     intercept, slope = 0.0, 0.0
+    probe = PROBE_SIDES["cuda" if device.type == "cuda" else "cpu"]
     for model in models:
-        sides = [max(stride, -(-s // stride) * stride) for s in PROBE_SIDES]
+        sides = [max(stride, -(-s // stride) * stride) for s in probe]
         if sides[0] == sides[1]:
             sides[1] = 2 * sides[0]
         with torch.inference_mode():
             peaks = [tile_peak_bytes(model, s, valid, device) for s in sides]
         b = (peaks[1] - peaks[0]) / (sides[1] ** 2 - sides[0] ** 2)
-        b = max(b, peaks[1] / sides[1] ** 2 / 4)  # a flat or noisy fit must not promise huge tiles
+        if b <= 0:
+            b = peaks[1] / sides[1] ** 2  # a flat or falling fit: count the whole peak as per pixel
         intercept = max(intercept, peaks[1] - b * sides[1] ** 2)
         slope = max(slope, b)
     heads = max(len(model.heads) for model in models)

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from config import Config, InputError, load_and_report, run_main
 from dataset import NucleiDataset, make_sampler, training_split
+from dataset.layouts import settle_normalize
 from distributed import (SHM_HINT, SINGLE, Padded, RankBatches, World, is_shared_memory_error, setup,
                          sync_batch_norm)
 from engine import choose_precision, evaluate, train_one_epoch
@@ -364,6 +365,8 @@ def train(args, world: World) -> int:
                          f"--no-resume would write over them: add --overwrite to delete them, resume "
                          f"instead, or set another [train] checkpoint_dir")
     train_samples, valid_samples = training_split(cfg)
+    # the checkpoint records how the images were read (percentiles or as stored), not 'auto'
+    cfg = settle_normalize(cfg, train_samples)
     batches = math.ceil(len(train_samples) / cfg.train.n_batch)
     model = build_model(cfg.model)
     if cfg.train.sync_bn and world.grouped:

@@ -345,6 +345,9 @@ def test_train_one_epoch_on_a_timelapse_layout_and_validate_by_sequence(tmp_path
     printed = capsys.readouterr().out
     assert "2 training and 1 validation images" in printed
     assert (tmp_path / "ckpt" / "ckpt-1.pkl").is_file()
+    from model.checkpoint import read_checkpoint
+    # the checkpoint says how its images were read, so predict.py reads new images the same way
+    assert read_checkpoint(tmp_path / "ckpt" / "ckpt-1.pkl")["config"]["dataset"]["normalize"] == "percentile"
     valid.main(["ckpt/ckpt-1.pkl", "--config", "tiny.ini", "--dataset", "valid", "--scores", "scores.csv"])
     scores = pd.read_csv(tmp_path / "scores.csv")
     assert len(scores) == 1
@@ -396,3 +399,10 @@ def test_the_commands_of_docs_datasets_md_run(tmp_path):
     for name in ("dice", "neurips", "aihero", "cellmap"):
         scores = pd.read_csv(tmp_path / "out" / name / "valid_scores.csv")
         assert len(scores) == 2, name
+    # each challenge's submission (docs/predict.md)
+    out = tmp_path / "out"
+    assert (out / "dice" / "submission.csv").read_text().splitlines()[0] == "img,pixels"
+    assert sorted(p.name for p in (out / "neurips" / "submission").iterdir()) == [
+        f"cell_0000{i}_label.tiff" for i in (1, 2, 3)]
+    assert sorted(p.name for p in (out / "aihero" / "submission" / "d").iterdir()) == ["mask0000.tif", "mask0001.tif"]
+    assert len(list((out / "cellmap" / "labels").iterdir())) == 2

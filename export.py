@@ -24,6 +24,8 @@ import hashlib
 import inspect
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -497,7 +499,7 @@ def package_description(v0_5, record: dict, args, files: dict, work: Path, test_
     """The ModelDescr (model spec 0.5) of the package, its files under `work`."""
     heads, model, ckpt = record["heads"], record["model"], record["checkpoint"]
     train = record["config"].get("train", {})
-    name = args.name or f"Nuclei {model['model']} {model['encoder']} epoch {ckpt['epoch']}"
+    name = record["bioimageio"]["name"]
     space_in = [v0_5.SpaceInputAxis(id=v0_5.AxisId(a), size=v0_5.ParameterizedSize(min=min_size, step=1))
                 for a in ("y", "x")]
     if halo:
@@ -532,7 +534,7 @@ def package_description(v0_5, record: dict, args, files: dict, work: Path, test_
     weights = {"torchscript": v0_5.TorchscriptWeightsDescr(source=work / files["torchscript"],
                                                            pytorch_version=torch_version)}
     if "onnx" in files:
-        weights["onnx"] = v0_5.OnnxWeightsDescr(source=Path(files["onnx"]), opset_version=files["opset"],
+        weights["onnx"] = v0_5.OnnxWeightsDescr(source=work / files["onnx"], opset_version=files["opset"],
                                                 parent="torchscript",
                                                 comment="exported from the same checkpoint by torch's dynamo exporter")
     cite = [CITE_UNET] + ([CITE_DCAN] if len(heads) > 1 else []) + \
@@ -584,14 +586,24 @@ def check_package(source: Path):
     return descr.validation_summary
 
 
-def write_bioimageio(model: nn.Module, scripted: torch.jit.ScriptModule, record: dict, path: Path,
-                     state: dict, cfg: Config, args, onnx_path: Path | None) -> object:
-    """A BioImage Model Zoo package (model spec 0.5) at `args.bioimageio`: a .zip file, or a folder
-    for any other name. Built in a temporary folder, checked with bioimageio.spec, renamed into
-    place. Returns the validation summary."""
+def check_package_args(args) -> None:
+    """--license and --name as the spec takes them, before any work."""
     v0_5 = _spec()
-    from bioimageio.spec import save_bioimageio_package, save_bioimageio_package_as_folder
-    out = Path(args.bioimageio)
+    if args.license is not None:
+        try:
+            v0_5.LicenseId(args.license)
+        except ValueError:
+            raise InputError(f"--license {args.license}: not an SPDX licence identifier the bioimage.io spec "
+                             f"knows (e.g. MIT, BSD-3-Clause, CC-BY-4.0)") from None
+    if args.name is not None and not re.fullmatch(r"[A-Za-z0-9_+\- ()]{5,128}", args.name):
+        raise InputError(f"--name {args.name!r}: 5 to 128 letters, digits, spaces and _+-() only")
+
+
+def plan_package(model: nn.Module, scripted: torch.jit.ScriptModule, record: dict, path: Path,
+                 state: dict, cfg: Config, args) -> dict:
+    """Everything the package needs that can fail on the user's input (settings a package cannot
+    describe, the test image), checked before any file is written: the record with the package's
+    input sizes, the test image, its tensors and the halo."""
     own = under_saved(load_config(user_path=None), state.get("config") or {}, str(path))[0]
     ours = under_saved(cfg, state.get("config") or {}, str(path))[0]
     blockers = package_blockers(own.pre, ours.valid)
@@ -618,26 +630,43 @@ def write_bioimageio(model: nn.Module, scripted: torch.jit.ScriptModule, record:
     if np.abs(got - expected).max() > 1e-4:
         raise RuntimeError(f"the exported network's maps differ from the checkpoint's by "
                            f"{np.abs(got - expected).max():.3g} on {image_path}; not packaged")
+    return {"record": record, "image": image, "image_path": image_path, "halo": halo, "min_size": min_size,
+            "test_input": test_input, "expected": expected}
+
+
+def write_bioimageio(model: nn.Module, scripted: torch.jit.ScriptModule, plan: dict, args,
+                     onnx_path: Path | None) -> object:
+    """A BioImage Model Zoo package (model spec 0.5) at `args.bioimageio`: a .zip file, or a folder
+    for any other name. Built in a temporary folder, checked with bioimageio.spec, renamed into
+    place. Returns the validation summary."""
+    v0_5 = _spec()
+    from bioimageio.spec import save_bioimageio_package, save_bioimageio_package_as_folder
+    out = Path(args.bioimageio)
+    record, image, image_path = plan["record"], plan["image"], plan["image_path"]
+    halo, min_size, test_input, expected = plan["halo"], plan["min_size"], plan["test_input"], plan["expected"]
     files = {"torchscript": "weights_torchscript.pt", "test_input": "test_input.npy",
              "test_output": "test_output.npy", "sample_input": "sample_input.tif",
              "sample_output": "sample_output.tif", "cover": "cover.png", "readme": "README.md",
              "settings": EXTRA_FILE, "sample_is_dsb": args.test_image is None}
     if onnx_path is not None:
         import onnx
-        files["onnx"] = str(onnx_path)
+        files["onnx"] = "weights.onnx"
         files["opset"] = max(o.version for o in onnx.load(str(onnx_path), load_external_data=False).opset_import
                              if o.domain in ("", "ai.onnx"))
+    name = args.name or f"Nuclei {record['model']['model']} {record['model']['encoder']} epoch " \
+                        f"{record['checkpoint']['epoch']}"
+    record["bioimageio"]["name"] = name
     with tempfile.TemporaryDirectory(prefix="nuclei-bioimageio-") as tmp:
         work = Path(tmp)
         save_torchscript(scripted, record, work / files["torchscript"])
+        if onnx_path is not None:
+            shutil.copyfile(onnx_path, work / files["onnx"])
         np.save(work / files["test_input"], test_input)
         np.save(work / files["test_output"], expected)
-        tifffile.imwrite(work / files["sample_input"], test_input)
-        tifffile.imwrite(work / files["sample_output"], expected)
+        tifffile.imwrite(work / files["sample_input"], test_input, photometric="minisblack")
+        tifffile.imwrite(work / files["sample_output"], expected, photometric="minisblack")
         Image.fromarray(cover_image(image, expected[0])).save(work / files["cover"])
         (work / files["settings"]).write_text(json.dumps(record, indent=1) + "\n")
-        name = args.name or f"Nuclei {record['model']['model']} {record['model']['encoder']} epoch " \
-                            f"{record['checkpoint']['epoch']}"
         (work / files["readme"]).write_text(package_readme(record, name, image_path, halo, args.license, files))
         n_parameters = sum(p.numel() for p in model.parameters())
         try:
@@ -669,7 +698,7 @@ def main(argv=None) -> dict:
     check_outputs(path, outputs)
     if args.bioimageio:
         check_package_output(path, Path(args.bioimageio), outputs + [Path(f"{p}.json") for p in outputs])
-        _spec()  # a missing package stops here, before any work
+        check_package_args(args)  # and a missing bioimageio.spec stops here, before any work
     cfg = load_and_report(args.config)
     state = read_checkpoint(path)
     model = build_network(path, state)
@@ -678,6 +707,7 @@ def main(argv=None) -> dict:
     for line in record["caller_does"]:
         print("left to the caller:", line)
     scripted = script_network(model, record)
+    plan = plan_package(model, scripted, record, path, state, cfg, args) if args.bioimageio else None
     if args.output:
         write_torchscript(scripted, record, Path(args.output))
         print(f"TorchScript: {args.output} (settings in {args.output}.json)")
@@ -685,8 +715,7 @@ def main(argv=None) -> dict:
         write_onnx(model, record, Path(args.onnx))
         print(f"ONNX: {args.onnx} (settings in {args.onnx}.json)")
     if args.bioimageio:
-        summary = write_bioimageio(model, scripted, record, path, state, cfg, args,
-                                   Path(args.onnx) if args.onnx else None)
+        summary = write_bioimageio(model, scripted, plan, args, Path(args.onnx) if args.onnx else None)
         print(f"BioImage Model Zoo package: {args.bioimageio} (bioimageio.spec {summary.format_version}: "
               f"{summary.status}, {len(summary.warnings)} warnings)")
     return record

@@ -175,3 +175,130 @@ def test_refuses_to_write_over_a_checkpoint(checkpoint, tmp_path, monkeypatch, c
     with pytest.raises(SystemExit):
         run_main(export.main, [str(checkpoint), "-o", str(other)])
     assert other.read_bytes() == before
+
+
+def package_members(pkg: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(pkg) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    import io
+    return np.load(io.BytesIO(data))
+
+
+def test_bioimageio_package(checkpoint, tmp_path, monkeypatch):
+    """--bioimageio PATH.zip: bioimageio.spec loads the package, with its files, as a valid model
+    description; its test tensors are the first sample image and the checkpoint's maps of it, and
+    bioimageio.core's test_model reruns the packaged TorchScript on them (about 8 s)."""
+    import hashlib
+    import io
+    import export
+    from bioimageio.spec import load_description
+    from dataset.io import list_samples, read_image
+    from PIL import Image
+    monkeypatch.chdir(tmp_path)
+    pkg = tmp_path / "pkg.zip"
+    record = export.main([str(checkpoint), "--bioimageio", str(pkg)])
+    assert not (tmp_path / "model.pt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["pkg.zip"]
+    descr = load_description(pkg, perform_io_checks=True)
+    summary = descr.validation_summary
+    assert summary.status == "valid-format" and not summary.errors, summary.format()
+    assert descr.type == "model" and descr.format_version.startswith("0.5.")
+    # the only warning: no licence (the repository states none)
+    assert [w.loc for w in summary.warnings] == [("license",)] and descr.license is None
+    assert [a.name for a in descr.authors] == [export.PROJECT_AUTHOR]
+    assert {str(c.doi) for c in descr.cite} == {export.CITE_UNET[1], export.CITE_DCAN[1], export.CITE_DSB[1]}
+    (image_in,), (maps_out,) = descr.inputs, descr.outputs
+    assert [str(a.id) for a in image_in.axes] == ["batch", "channel", "y", "x"] == [str(a.id) for a in maps_out.axes]
+    assert image_in.axes[1].channel_names == ["red", "green", "blue"]
+    assert maps_out.axes[1].channel_names == list(HEADS)
+    assert image_in.data.type == "uint8" and maps_out.data.type == "float32"
+    assert [p.id for p in image_in.preprocessing] == ["ensure_dtype", "scale_linear", "ensure_dtype"]
+    assert image_in.preprocessing[1].kwargs.gain == pytest.approx(1 / 255)
+    assert maps_out.axes[2].halo == 32 and image_in.axes[2].size.min == 80  # [valid] tile_overlap 64, stride 16
+    assert descr.weights.torchscript is not None and descr.weights.onnx is None
+
+    files = package_members(pkg)
+    assert {"rdf.yaml", "README.md", "cover.png", export.EXTRA_FILE, "test_input.npy", "test_output.npy",
+            "weights_torchscript.pt"} <= set(files)
+    image = read_image(list_samples(SAMPLE)[0].image_path)[:256, :256]
+    test_input, test_output = load_npy(files["test_input.npy"]), load_npy(files["test_output.npy"])
+    assert test_input.dtype == np.uint8 and np.array_equal(test_input, image.transpose(2, 0, 1)[None])
+    assert test_output.dtype == np.float32 and test_output.shape == (1, 2, 256, 256)
+    np.testing.assert_allclose(test_output[0], reference_maps(checkpoint, image), rtol=0, atol=1e-6)
+    net = torch.jit.load(io.BytesIO(files["weights_torchscript.pt"]))
+    scaled = torch.from_numpy(test_input).float() * np.float32(1 / 255)  # the package's preprocessing
+    np.testing.assert_allclose(net(scaled).numpy(), test_output, rtol=0, atol=1e-6)
+    # the settings attachment is the export record, with the package's sizes and name
+    settings = json.loads(files[export.EXTRA_FILE])
+    assert settings["heads"] == list(HEADS) and settings["post"] == json.loads(json.dumps(record["post"]))
+    assert settings["checkpoint"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert settings["bioimageio"] == {"min_size": 80, "halo": 32, "name": str(descr.name)}
+    readme = files["README.md"].decode()
+    assert "## Validation" in readme and "`contour`" in readme and "no licence" in readme
+    assert Image.open(io.BytesIO(files["cover.png"])).size == (512, 256)
+    # the field's own check: preprocessing, weights and comparison as a consumer runs them
+    from bioimageio.core import test_model
+    tested = test_model(pkg)
+    assert tested.status == "passed", tested.format()
+    assert [d.status for d in tested.details if d.name.startswith("Reproduce test outputs")] == ["passed"]
+
+
+@pytest.mark.slow
+def test_bioimageio_core_reproduces_the_test_outputs(checkpoint, tmp_path, monkeypatch):
+    """A folder package with ONNX weights too: bioimageio.core's test_model reruns both weight
+    formats on the test input; a second export replaces the first folder. Slow: the ONNX export
+    and the test runs take 20 to 30 s on two cores."""
+    import export
+    from bioimageio.core import test_model
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "package"
+    export.main([str(checkpoint), "--bioimageio", str(folder), "--author", "A Person", "--license", "MIT"])
+    (folder / "stray.txt").write_text("left by an earlier package")
+    export.main([str(checkpoint), "--bioimageio", str(folder), "--onnx", str(tmp_path / "m.onnx"),
+                 "--author", "A Person", "--license", "MIT"])
+    assert not (folder / "stray.txt").exists() and (folder / "weights.onnx").is_file()
+    summary = test_model(folder / "rdf.yaml")
+    assert summary.status == "passed", summary.format()
+    reproduced = [d.name for d in summary.details if d.name.startswith("Reproduce test outputs")]
+    assert len(reproduced) == 2 and all(d.status == "passed" for d in summary.details)
+    assert any("onnx" in n for n in reproduced) and any("torchscript" in n for n in reproduced)
+    assert not summary.warnings or all(w.loc != ("license",) for w in summary.warnings)
+
+
+def test_bioimageio_refusals(checkpoint, tmp_path, monkeypatch, capsys):
+    """Package outputs that would overwrite other files, a checkpoint whose input is prepared
+    outside the network (CLAHE), a test image smaller than the package's smallest input and a bad
+    licence are refused with one line, exit status 2, before anything is written."""
+    import export
+    from config import load_config, run_main
+    from model import build_model
+    from model.checkpoint import save_checkpoint
+    from conftest import write_png
+    monkeypatch.chdir(tmp_path)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    (tmp_path / "folder.zip").mkdir()
+    cfg = load_config(user_path=None).replace("model", model="unet", encoder="plain", n_filter=2)
+    clahe = save_checkpoint(tmp_path / "clahe.pkl", build_model(cfg.replace("pre", clahe=True).model),
+                            cfg.replace("pre", clahe=True), update_pointer=False)
+    small = write_png(tmp_path / "small.png", np.full((40, 60, 3), 90, np.uint8))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cases = [([str(checkpoint), "--bioimageio", str(busy)], "not an earlier package"),
+             ([str(checkpoint), "--bioimageio", str(checkpoint.parent)], "holds the checkpoint"),
+             ([str(checkpoint), "--bioimageio", str(tmp_path / "folder.zip")], "names a folder"),
+             ([str(clahe), "-o", "c.pt", "--bioimageio", "c.zip"], "cannot describe [pre] clahe"),
+             ([str(checkpoint), "-o", "s.pt", "--bioimageio", "s.zip", "--test-image", str(small)],
+              "smaller than the package's smallest input side 80"),
+             ([str(checkpoint), "--bioimageio", "l.zip", "--license", "Not-A-Licence"], "SPDX"),
+             ([str(checkpoint)], "nothing to write")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(export.main, argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]

@@ -2,6 +2,7 @@
 
     python3 export.py out/demo/checkpoint/best.pkl -o model.pt               # TorchScript
     python3 export.py best.pkl -o model.pt --onnx model.onnx                 # and ONNX
+    python3 export.py best.pkl --bioimageio nuclei.zip                       # BioImage Model Zoo package
 
 The exported network takes an image batch, float32 (N, 3, H, W), RGB, the 8-bit image divided by
 255 (any H and W), and returns the heads' probability maps, float32 (N, K, H, W) in [0, 1], one
@@ -15,6 +16,13 @@ inside the TorchScript file as the extra file `nuclei_export.json` and in the ON
 metadata), together with the checkpoint's settings and the `[post]` values to turn the maps into
 instances (an explicit config setting, else the tuned `<checkpoint>.post.json`, else the
 checkpoint's own; see tuning.resolve_post). docs/export.md shows how to use the files.
+
+`--bioimageio PATH` (a .zip, or a folder) writes the same TorchScript network (and the ONNX one with
+`--onnx`) as a bioimage.io model package (model spec 0.5): uint8 RGB input scaled by 1/255 in the
+package's preprocessing, the heads as named output channels, test tensors from a bundled sample
+image computed by `inference.predict_image`, a cover, a generated README.md and the JSON record as
+an attachment; it is checked with bioimageio.spec before it is renamed into place. Checkpoints
+whose input is prepared outside the network (CLAHE, stain or size normalisation) are refused.
 """
 from __future__ import annotations
 
@@ -351,7 +359,7 @@ CITE_DSB = ("Caicedo JC et al. Nucleus segmentation across imaging experiments: 
 def _spec():
     """bioimageio.spec's model description module, or a one-line error where it is missing."""
     try:
-        import bioimageio.spec  # noqa: F401
+        import bioimageio.spec  # noqa: F401  (a clear error where it is missing)
         from bioimageio.spec.model import v0_5
     except ImportError as exc:
         raise InputError(f"--bioimageio needs the bioimageio.spec package (pip install -r requirements.txt): {exc}") from None
@@ -424,7 +432,6 @@ def package_readme(record: dict, name: str, test_image: Path, halo: int, license
     """The package's README.md, from the checkpoint's settings."""
     heads = record["heads"]
     model, ckpt, train = record["model"], record["checkpoint"], record["config"].get("train", {})
-    colours = ["grey"] if len(heads) == 1 else ["red", "green", "blue"]
     lines = [
         f"# {name}", "",
         f"A {model['model']} U-Net ({model['encoder']} encoder) for 2D nuclei instance segmentation, exported by "
@@ -465,7 +472,7 @@ def package_readme(record: dict, name: str, test_image: Path, halo: int, license
         "## What the repository does and this package does not", "",
         *[f"- {line}" for line in record["caller_does"] if not line.startswith("post-processing")], "",
         "## Training", "",
-        f"Model settings: " + ", ".join(f"`{k} = {_fmt(v)}`" for k, v in model.items()
+        "Model settings: " + ", ".join(f"`{k} = {_fmt(v)}`" for k, v in model.items()
                                           if k not in ("pretrained", "weights_path")) + ".",
         "Training settings: " + ", ".join(f"`{k} = {_fmt(train[k])}`" for k in
                                           ("n_epoch", "n_batch", "learn_rate", "lr_schedule", "amp") if k in train)

@@ -18,9 +18,11 @@ process. A run therefore resumes, with the same schedule, on any number of proce
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -67,6 +69,20 @@ class World:
         """True on every process when it is True on at least one."""
         return self.max(1.0 if flag else 0.0) > 0
 
+    def share(self, items: Sequence) -> list:
+        """This process's share of `items`: positions rank, rank + size, ... (as evaluate() shares
+        the validation images); `interleave` puts the processes' results back in order."""
+        return list(items[self.rank::self.size])
+
+    def gather(self, value) -> list | None:
+        """Every process's `value` (any picklable object), in rank order, on rank 0; None on the
+        others. Every process must call it. One process: [value], with no copy."""
+        if not self.grouped:
+            return [value]
+        values = [None] * self.size if self.main else None
+        dist.gather_object(value, values, dst=0)
+        return values
+
     def barrier(self) -> None:
         if self.grouped:
             if self.device.type == "cuda":
@@ -96,6 +112,41 @@ class World:
 
 
 SINGLE = World()
+
+
+def interleave(parts: list[list]) -> list:
+    """The inverse of `World.share`: the processes' results (part r holds items r, r + size, ...)
+    in the order of the items."""
+    merged = []
+    for position in range(max((len(p) for p in parts), default=0)):
+        merged += [part[position] for part in parts if position < len(part)]
+    return merged
+
+
+@contextlib.contextmanager
+def main_prints_only(world: World) -> Iterator[None]:
+    """Send the standard output of every process but rank 0 to nowhere: one set of lines, as from
+    one process. (Errors on the standard error stay; see `stop_together`.)"""
+    with contextlib.ExitStack() as stack:
+        if not world.main:
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        yield
+
+
+def stop_together(world: World, error: tuple[int, str] | None) -> None:
+    """After a step that every process ran: when an InputError stopped it in any process, stop all
+    of them, reported once. `error` is this process's (position, message), or None; rank 0 raises
+    the InputError of the lowest position (the one a single process would have met first, for
+    positions in the order of the items), the other processes exit with status 2 silently. Every
+    process must call it; without a process group it does nothing (raise errors directly there)."""
+    if not world.grouped:
+        return
+    errors = world.gather(error)
+    if not world.any(error is not None):
+        return
+    if world.main:
+        raise InputError(min(e for e in errors if e is not None)[1])
+    raise SystemExit(2)
 
 
 def under_torchrun(environ=os.environ) -> bool:

@@ -22,6 +22,14 @@ A file that cannot be read is reported on one line and skipped; the others are w
 exit status is 2 at the end. A summary line gives the images, the seconds and the peak memory.
 No output may land on an input image, a checkpoint or its tuned file, and OUTPUT may not lie
 inside the INPUT folder.
+
+    torchrun --nproc_per_node=4 predict.py -i INPUT -o OUTPUT   # four processes share the files
+
+Under torchrun (distributed.py) process r predicts files r, r + N, ... on its own GPU
+(cuda:LOCAL_RANK) or the CPU and writes their label images itself (each atomically, at paths no
+other process writes); rank 0 gathers the rest, lists the unreadable files once each, writes the
+Dice CSV in the order of one process and prints the summary (the slowest process's seconds, the
+largest process's peak memory).
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ from tqdm.auto import tqdm
 from config import InputError, load_and_report, run_main
 from dataset.io import IMAGE_SUFFIXES, read_image
 from dataset.layouts import prediction_percentiles
+from distributed import SINGLE, World, main_prints_only, setup
 from inference import predict_image
 from labelio import LABEL_FORMATS, NAMINGS, TIFF_SUFFIXES, label_name, write_labels
 from model.checkpoint import latest_checkpoint
@@ -44,7 +53,7 @@ from postprocess import postprocess
 from rle import ORDERS, semantic_row, write_dice_submission
 from tile_budget import MB, measure_budget
 from tuning import resolve_post, tuned_path
-from valid import load_members, looks_like_checkpoint
+from valid import each_of_share, load_members, looks_like_checkpoint, together
 
 OUTPUT_FILE_SUFFIXES = TIFF_SUFFIXES + (".png",)
 
@@ -132,16 +141,33 @@ def refuse_overwrite(source: Path, files: list[Path], targets: list[Path], check
             raise InputError(f"{path}: --dice-csv is also a label image's path")
 
 
-def peak_memory(device: torch.device) -> str:
+def peak_memory(device: torch.device, world: World = SINGLE) -> str:
+    """The peak memory of this process, or under torchrun the largest of the processes' peaks
+    (every process must call it then)."""
     if device.type == "cuda":
-        return (f"peak GPU memory {torch.cuda.max_memory_allocated(device) / MB:.0f} MB allocated, "
-                f"{torch.cuda.max_memory_reserved(device) / MB:.0f} MB reserved")
+        allocated = world.max(torch.cuda.max_memory_allocated(device))
+        reserved = world.max(torch.cuda.max_memory_reserved(device))
+        return f"peak GPU memory {allocated / MB:.0f} MB allocated, {reserved / MB:.0f} MB reserved" \
+            + (" (the largest process's)" if world.size > 1 else "")
     # ru_maxrss is in KiB on Linux
-    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    rss = world.max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return f"peak RSS {rss / 1024:.0f} MB" + (" (the largest process's)" if world.size > 1 else "")
 
 
 def main(argv=None):
+    """predict.py (see the module docstring); under torchrun as one of the processes that share the
+    input files (distributed.py)."""
     args = parse_args(argv)
+    world = setup()
+    try:
+        with main_prints_only(world):
+            return predict(args, world)
+    finally:
+        world.close()
+
+
+def prepare(args, world: World):
+    """Inputs, outputs, checkpoints and settings, all checked before any prediction."""
     cfg = load_and_report(args.config)
     source, output = Path(args.input), Path(args.output)
     files = list_inputs(source, args.recursive)
@@ -150,14 +176,19 @@ def main(argv=None):
     if paths[0] is None:
         raise InputError(f"{cfg.train.checkpoint_dir}: no current.json; name a checkpoint or train first")
     refuse_overwrite(source, files, targets, paths, args.dice_csv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    members, cfg = load_members(paths, cfg, device, args.override_pre)
+    members, cfg = load_members(paths, cfg, world.device, args.override_pre)
     post, origin = resolve_post(cfg, paths[0], args.tuned)
     print("[post] " + ", ".join(f"{k} = {getattr(post, k)} ({origin[k]})" for k in origin))
     percentiles = prediction_percentiles(cfg.dataset)  # as the checkpoint's training images were read
     print("input intensities: " + (f"percentiles {percentiles[0]:g} to {percentiles[1]:g}" if percentiles
                                    else "as stored (8-bit), other depths from minimum to maximum")
           + f" ([dataset] normalize = {cfg.dataset.normalize})")
+    return cfg, source, output, files, targets, paths, members, post, percentiles
+
+
+def predict(args, world: World):
+    cfg, source, output, files, targets, paths, members, post, percentiles = together(world, prepare, args, world)
+    device = world.device
     budget = None
     if cfg.valid.max_memory_mb and cfg.valid.pred_orig_size:
         budget = measure_budget(members, cfg.valid, device, cfg.valid.max_memory_mb)
@@ -166,35 +197,57 @@ def main(argv=None):
               f"({'measured' if device.type == 'cuda' else 'estimated'}); tile sides are chosen per image")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    processes = f" x {world.size} processes (images shared)" if world.grouped else ""
     print(f"{len(members)} checkpoint(s) ({', '.join(p.name for p in paths)}) on {len(files)} image(s) from "
-          f"{source}, {device}, TTA {'on' if cfg.valid.test_time_augment else 'off'}, policy {post.policy}")
+          f"{source}, {device}{processes}, TTA {'on' if cfg.valid.test_time_augment else 'off'}, policy {post.policy}")
 
-    failed, rows, sides, start = [], [], [], time.perf_counter()
     root = source.parent if source.is_file() else source
-    for path, target in tqdm(list(zip(files, targets)), desc="predicting", unit="image"):
+
+    def one_image(item) -> dict:
+        """Predict one file and write its label image; its record: the error that made it unreadable,
+        or its tile side and Dice CSV row."""
+        path, target = item
         try:
             image = read_image(path, percentiles)
             valid = budget.valid_for(cfg.valid, *image.shape[:2]) if budget else cfg.valid
-            sides.append(valid.tile_size)
         except InputError as exc:
-            tqdm.write(f"error: {exc}", file=sys.stderr)
-            failed.append(path)
-            continue
+            if not world.grouped:
+                tqdm.write(f"error: {exc}", file=sys.stderr)  # as it comes; under torchrun rank 0 lists them
+            return {"error": str(exc)}
         probs = predict_image(members, image, valid, device=device)
         labels = postprocess(probs, post)
         write_labels(target, labels)
+        record = {"side": valid.tile_size}
         if args.dice_csv:
-            rows.append(semantic_row(path.relative_to(root).with_suffix("").as_posix(), labels, args.dice_order))
-    seconds = time.perf_counter() - start
+            record["dice_row"] = semantic_row(path.relative_to(root).with_suffix("").as_posix(), labels,
+                                              args.dice_order)
+        return record
+
+    start = time.perf_counter()
+    records = each_of_share(world, list(zip(files, targets)), one_image, desc="predicting", unit="image")
+    seconds = world.max(time.perf_counter() - start)  # the slowest process's
+    memory = peak_memory(device, world)
+    # rank 0 holds every process's records: its count is the total, which the others learn by the sum
+    n_failed = int(world.sum([sum("error" in r for r in records) if world.main else 0])[0])
+    if not world.main:
+        if n_failed:
+            raise SystemExit(2)  # rank 0 reports them
+        return None
+    failed = [r["error"] for r in records if "error" in r]
+    if world.grouped:
+        for message in failed:
+            print(f"error: {message}", file=sys.stderr)
+    sides = [r["side"] for r in records if "side" in r]
     done = len(files) - len(failed)
     if budget and sides:
         print(f"memory cap {cfg.valid.max_memory_mb} MB: tile sides {min(sides)} to {max(sides)} pixels "
               f"(images up to that size are predicted whole)")
     if args.dice_csv:
+        rows = [r["dice_row"] for r in records if "dice_row" in r]
         write_dice_submission(args.dice_csv, rows)
         print(f"wrote {args.dice_csv} ({len(rows)} images, {args.dice_order}-major pixel numbering)")
     print(f"{done} image(s) -> {output} in {seconds:.1f} s ({seconds / max(done, 1):.2f} s each), "
-          f"{peak_memory(device)}" + (f"; {len(failed)} unreadable" if failed else ""))
+          f"{memory}" + (f"; {len(failed)} unreadable" if failed else ""))
     if failed:
         raise InputError(f"{len(failed)} of {len(files)} input files could not be read (listed above); "
                          f"the label images of the other {done} are written")

@@ -6,6 +6,7 @@
     python3 valid.py --dataset test --dice-csv dice.csv  # the Dice challenge's submission (img,pixels)
     python3 valid.py --dataset valid --metric all      # every score: DSB, Dice, border-free F1, instance Dice
     %matplotlib inline; %run valid.py --dataset valid  # figures inline in a notebook
+    torchrun --nproc_per_node=4 valid.py --dataset test --csv  # four processes share the images
 
 With no checkpoint, the one named by [train] checkpoint_dir/current.json is used. The checkpoint
 is the model: every setting it was trained with (its [pre] preprocessing, [valid], [post],
@@ -21,6 +22,12 @@ and the semantic Dice; `--metric` names the headline score, by default the one o
 (dsb2018: dsb; im_mask, the Dice challenge: dice; label_images, NeurIPS 2022: f1_border; timelapse,
 AI-HERO: instance_dice), and adds the f1_border and instance_dice columns when named (all: both).
 With [valid] max_memory_mb the tile size is chosen per image to fit the cap (tile_budget.py).
+
+Under torchrun (distributed.py) process r predicts images r, r + N, ... on its own GPU (cuda:LOCAL_RANK)
+or the CPU and writes their figures, mask folders and label images itself; rank 0 gathers the
+per-image results and alone prints and writes the score table, the CSV files and the tuned
+thresholds (from every image's maps), in the image order of one process: the same files as one
+process writes.
 """
 from __future__ import annotations
 
@@ -29,13 +36,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from atomic import atomic_dir, atomic_path
 from config import Config, InputError, load_and_report, run_main, under_saved
 from dataset.selection import named_samples
 from dataset.io import read_sample_cached
+from distributed import World, interleave, main_prints_only, setup, stop_together
 from inference import Member, predict_image
 from labelio import LABEL_FORMATS, write_labels
 from metrics import EXTRA_COLUMNS, extra_scores, match, mean_scores, score_table
@@ -242,21 +249,76 @@ def default_metric(cfg: Config, name: str) -> tuple[str, str]:
     return METRIC_OF_LAYOUT[layout], f"layout {layout}"
 
 
+def each_of_share(world: World, items: list, work, **bar) -> list | None:
+    """work(item) for this process's share of `items` (positions rank, rank + size, ...), with a
+    progress bar on rank 0 only; the results of all items, in their order, on rank 0 and None on
+    the other processes. One process: every item, its errors raised as they come. Under torchrun
+    an InputError stops every process and is reported once: the one of the earliest item, which a
+    single process would have met first."""
+    results, error = [], None
+    for index in tqdm(range(world.rank, len(items), world.size), disable=not world.main, **bar):
+        try:
+            results.append(work(items[index]))
+        except InputError as exc:
+            if not world.grouped:
+                raise
+            error = (index, str(exc))
+            break
+    stop_together(world, error)
+    parts = world.gather(results)
+    return interleave(parts) if world.main else None
+
+
+def together(world: World, step, *args):
+    """step(*args) in every process; an InputError in any of them stops all, reported once."""
+    if not world.grouped:
+        return step(*args)
+    result, error = None, None
+    try:
+        result = step(*args)
+    except InputError as exc:
+        error = (-1, str(exc))
+    stop_together(world, error)
+    return result
+
+
 def main(argv=None):
+    """valid.py (see the module docstring); under torchrun as one of the processes that share the
+    images (distributed.py), rank 0 printing and writing the merged tables and CSV files."""
     args = parse_args(argv)
+    world = setup()
+    try:
+        with main_prints_only(world):
+            return validate(args, world)
+    finally:
+        world.close()
+
+
+def prepare(args, world: World):
+    """Settings, checkpoints and images of the run, checked before any prediction."""
+    if args.show and world.size > 1:
+        raise InputError("--show draws the figures of one process; run valid.py without torchrun, "
+                         "or write them with --save")
     cfg = load_and_report(args.config)
     paths = [Path(p) for p in args.checkpoints] or [latest_checkpoint(cfg.train.checkpoint_dir)]
     if paths[0] is None:
         raise InputError(f"{cfg.train.checkpoint_dir}: no current.json; name a checkpoint or train first")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    members, cfg = load_members(paths, cfg, device, args.override_pre)
-    heads = set().union(*(m.model.heads for m in members))
+    members, cfg = load_members(paths, cfg, world.device, args.override_pre)
     post, origin = resolve_post(cfg, paths[0], args.tuned and not args.tune)
     print("[post] " + ", ".join(f"{k} = {getattr(post, k)} ({origin[k]})" for k in origin))
     samples = dataset_samples(cfg, args.dataset)
     refuse_overwrite(args, paths, samples)
+    return cfg, paths, members, post, samples
+
+
+def validate(args, world: World):
+    cfg, paths, members, post, samples = together(world, prepare, args, world)
+    device = world.device
+    heads = set().union(*(m.model.heads for m in members))
+    processes = f" x {world.size} processes (images shared)" if world.grouped else ""
     print(f"{len(members)} checkpoint(s) ({', '.join(p.name for p in paths)}) on {len(samples)} "
-          f"{args.dataset} images, {device}, TTA {'on' if cfg.valid.test_time_augment else 'off'}, policy {post.policy}")
+          f"{args.dataset} images, {device}{processes}, TTA {'on' if cfg.valid.test_time_augment else 'off'}, "
+          f"policy {post.policy}")
 
     metric, why = (args.metric, "--metric") if args.metric else default_metric(cfg, args.dataset)
     extra = EXTRA_COLUMNS if metric == "all" else tuple(c for c in EXTRA_COLUMNS if c == metric)
@@ -267,38 +329,39 @@ def main(argv=None):
 
     outputs = args.csv or args.masks or args.labels or args.scores or args.tune or args.dice_csv
     figures = args.show or args.save or (args.figures and not outputs)
+    show, folder = False, None
     if figures:
         import matplotlib
         show = args.show or (in_notebook() and not args.save)
         if not show:
             matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        folder = None
         if args.save or not show:
             folder = Path(args.save or FIGURES)
             print(f"side-by-side figures -> {folder}")
-    rows, dice_rows, scores, extras, kept, factors = [], [], {}, {}, [], {}
-    for files in tqdm(samples, desc="predicting", leave=False):
+
+    def one_image(files) -> dict:
+        """Predict one image and write its own files (figure, masks, label image): a record of what
+        the tables and CSV files need."""
         image, truth = read_sample_cached(files, cfg.target.fill_holes, cfg.dataset.cache_dir)
         sizes = {}
         valid = budget.valid_for(cfg.valid, *image.shape[:2]) if budget else cfg.valid
         probs = predict_image(members, image, valid, device=device, sizes=sizes)
-        for name, (_, factor) in sizes.items():
-            factors.setdefault(name, []).append(factor)
+        record = {"id": files.id, "factors": {name: factor for name, (_, factor) in sizes.items()}}
         if args.tune:
             if truth is None:
                 raise InputError(f"{files.folder}: --tune needs labelled images (masks/)")
-            kept.append((probs, truth))
-            continue
+            record["kept"] = (probs, truth)
+            return record
         labels = postprocess(probs, post)
         title = f"{files.id[:16]}: {int(labels.max())} nuclei"
         if truth is not None:
-            scores[files.id] = match(truth, labels)
-            extras[files.id] = extra_scores(truth, labels, extra)
-            title += f", IoU {semantic_iou(truth, labels):.3f}, DSB score {scores[files.id].dsb:.3f}"
-        rows += labels_to_rows(files.id, labels)
+            record["score"] = match(truth, labels)
+            record["extra"] = extra_scores(truth, labels, extra)
+            title += f", IoU {semantic_iou(truth, labels):.3f}, DSB score {record['score'].dsb:.3f}"
+        record["rows"] = labels_to_rows(files.id, labels)
         if args.dice_csv:
-            dice_rows.append(semantic_row(files.id, labels, args.dice_order))
+            record["dice_row"] = semantic_row(files.id, labels, args.dice_order)
         if args.masks:
             write_masks(Path(args.masks), files.id, image, labels)
         if args.labels:
@@ -310,11 +373,20 @@ def main(argv=None):
             if show:
                 plt.show()
             plt.close(fig)
+        return record
 
+    records = each_of_share(world, samples, one_image, desc="predicting", leave=False)
+    if not world.main:
+        return None  # rank 0 merges the records and writes the tables and CSV files
+    factors = {}
+    for record in records:
+        for name, factor in record["factors"].items():
+            factors.setdefault(name, []).append(factor)
     for name, values in factors.items():
         print(f"size normalisation ({name}): images rescaled by {np.exp(np.mean(np.log(values))):.3f} on average "
               f"(geometric mean; {min(values):.3f} to {max(values):.3f})")
     if args.tune:
+        kept = [record["kept"] for record in records]
         grid = grid_for(heads, args.keep_policy)
         best, score = tune(kept, heads, post, args.keep_policy)
         record = write_tuned(tuned_path(paths[0]), best, score, grid, dataset=args.dataset, n_images=len(kept),
@@ -322,6 +394,10 @@ def main(argv=None):
         print(f"Best mean DSB score {score:.4f} with " + ", ".join(f"{k} = {record[k]}" for k in grid)
               + f"; saved to {tuned_path(paths[0])}")
         return score
+    scores = {r["id"]: r["score"] for r in records if "score" in r}
+    extras = {r["id"]: r["extra"] for r in records if "score" in r}
+    rows = [row for r in records for row in r["rows"]]
+    dice_rows = [r["dice_row"] for r in records if "dice_row" in r]
     if scores:
         table = score_table(scores, extras)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -15,6 +15,10 @@ global batch of the epoch order is shared between the processes (`RankBatches`),
 gets the same number of batches, and each process's loss is weighted by its share of the global
 batch, so the averaged gradient is the gradient of the mean loss over the global batch, as in one
 process. A run therefore resumes, with the same schedule, on any number of processes.
+
+valid.py and predict.py share images the same way (`World.share`: process r takes r, r + N, ...),
+gather each image's results on rank 0 (`World.gather`, `interleave`) and stop together on an
+error (`stop_together`), so their files are those of one process.
 """
 from __future__ import annotations
 

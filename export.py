@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 

@@ -8,7 +8,6 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
-import tifffile
 
 import split
 from config import InputError

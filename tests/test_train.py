@@ -1,7 +1,6 @@
 """train.py end to end on the bundled sample, in a temporary folder."""
 import json
 import struct
-import sys
 import textwrap
 from pathlib import Path
 

@@ -231,6 +231,38 @@ def test_single_seed_regions_skip_the_solver(cfg, monkeypatch):
         assert_matches(pred, truth)
 
 
+def test_regions_too_large_for_the_walker_get_the_watershed(cfg, monkeypatch):
+    # the pair of touching nuclei is one region with two seeds; with the work cap below its
+    # seeds x pixels, it is split by the watershed (no solve) and still gives the two nuclei
+    truth = paint((96, 128), [((16, 16), 8), ((60, 90), 12), ((60, 110), 12)])
+    targets = make_targets(truth, cfg.contour, cfg.target)
+    calls = []
+    real = pp.random_walker
+
+    def counting(data, labels, *args, **kwargs):
+        calls.append(data.shape)
+        return real(data, labels, *args, **kwargs)
+
+    monkeypatch.setattr(pp, "random_walker", counting)
+    for heads in (1, 2, 3):
+        probs = probs_of(targets, heads)
+        settings = PostSettings(policy="rw")
+        seeds, _ = pp.seeds(probs, settings)
+        fg = pp.foreground(probs, settings, seeds)
+        monkeypatch.setattr(pp, "RW_MAX_WORK", 10**9)
+        calls.clear()
+        walked = pp.random_walker_per_region(probs, seeds, fg)
+        assert len(calls) == 1, heads
+        monkeypatch.setattr(pp, "RW_MAX_WORK", 100)
+        calls.clear()
+        capped = pp.random_walker_per_region(probs, seeds, fg)
+        assert calls == [], heads
+        flooded = pp.watershed_partition(probs, seeds, fg)  # the same flood, but over every region
+        assert _agreement(capped, flooded, fg) > 0.99 and _agreement(flooded, capped, fg) > 0.99, heads
+        assert _agreement(capped, walked, fg) > 0.95
+        assert_matches(postprocess(probs, settings), truth)
+
+
 def test_no_torch_import():
     import subprocess
     import sys

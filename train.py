@@ -30,6 +30,8 @@ import contextlib
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,6 +310,37 @@ def log_images(writer, sample: dict, epoch: int) -> None:
             writer.add_image(f"valid/{key}", value.clamp(0, 1), epoch)
 
 
+class SafeInterrupt:
+    """Ctrl-C in the training loop. The first SIGINT only sets a flag, and `check()`, called before
+    every batch and before validation, raises KeyboardInterrupt there: in this loop's own code,
+    never inside a logger thread's lock or a file write (an interrupt that lands inside
+    tensorboardX's writer can leave its close() waiting for ever). A second SIGINT raises at once.
+    Installed only in the main thread; the previous handler comes back on `restore()`."""
+
+    def __init__(self):
+        self.pending = False
+        self.previous = None
+
+    def install(self) -> "SafeInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -420,8 +453,10 @@ def train(args, world: World) -> int:
         and on the stop: every process must make the same calls)."""
         seconds = plan.elapsed_s + time.monotonic() - started
         return world.max(seconds) if plan.budget_s is not None else seconds
+    interrupt = SafeInterrupt().install()
     try:
         for epoch in range(first_epoch, plan.end + 1):
+            interrupt.check()
             freeze = epoch <= cfg.model.freeze_encoder_epochs
             if freeze != frozen:
                 bare.freeze_encoder(freeze)
@@ -433,6 +468,7 @@ def train(args, world: World) -> int:
             order.set_epoch(epoch, first_step * cfg.train.n_batch)
 
             def before_step(k, epoch=epoch):
+                interrupt.check()
                 set_lr(optimizer, plan.rate(epoch - 1 + k / batches, elapsed()))
             stats, step = train_one_epoch(model, train_loader, optimizer, cfg, device, epoch, scaler,
                                           lambda: plan.spent(elapsed()), show_progress=not args.quiet and world.main,
@@ -456,6 +492,7 @@ def train(args, world: World) -> int:
             validate = valid_loader is not None and cfg.train.n_cv_epoch and (
                 epoch % cfg.train.n_cv_epoch == 0 or stopped or epoch == plan.end)
             if validate:
+                interrupt.check()
                 world.broadcast_buffers(bare)
                 valid_stats, sample = evaluate(model, valid_loader, cfg, device, world)
                 for key, value in valid_stats.items():
@@ -489,6 +526,7 @@ def train(args, world: World) -> int:
             raise shared_memory_error(exc) from None
         raise
     finally:
+        interrupt.restore()
         writer.close()
     print(f"Training finished at epoch {epoch}; checkpoints in {ckpt_dir}")
     if trained_seconds > 0:

@@ -255,3 +255,21 @@ def test_the_chosen_precision_is_printed_with_its_reason(workdir, monkeypatch, c
     Path(config).write_text(Path(config).read_text().replace("amp = off\n", "amp = auto\n"))
     train.main(["--epoch", "1", "--config", config, "--quiet"])
     assert "Precision: float32 (amp = auto: this CPU has neither amx_bf16 nor avx512_bf16" in capsys.readouterr().out
+
+
+def test_ctrl_c_is_raised_at_the_loops_own_check_points():
+    import os
+    import signal
+    from train import SafeInterrupt
+    before = signal.getsignal(signal.SIGINT)
+    interrupt = SafeInterrupt().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # handled at once in the main thread: only a flag is set
+        assert interrupt.pending
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.check()
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait for a check point
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        interrupt.restore()
+    assert signal.getsignal(signal.SIGINT) is before

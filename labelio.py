@@ -19,6 +19,7 @@ import numpy as np
 
 from atomic import atomic_path
 from config import InputError
+from metrics import check_labels
 
 LABEL_FORMATS = ("tif", "png")
 NAMINGS = ("auto", "label", "mask", "same")
@@ -29,13 +30,7 @@ FRAME_NAME = re.compile(r"t(\d+)")  # a time-lapse frame: t0000.tif, t0001.tif, 
 def sequential_labels(labels: np.ndarray) -> np.ndarray:
     """Labels (H, W), any non-negative integers, renumbered 1..N (0 stays 0) in the order of the
     ids, as uint16 when N <= 65535 and uint32 otherwise."""
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"expected a label map (H, W), got shape {labels.shape}")
-    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
-        raise ValueError(f"expected an integer label map, got dtype {labels.dtype}")
-    if labels.size and labels.min() < 0:
-        raise ValueError("label ids must be >= 0 (0 is background)")
+    labels = check_labels(labels, "labels")
     ids, inverse = np.unique(labels, return_inverse=True)
     inverse = inverse.reshape(labels.shape)
     if ids.size and ids[0] != 0:

@@ -54,7 +54,7 @@ class ImageScore:
     n_pred: int
 
 
-def _check_labels(labels: np.ndarray, name: str) -> np.ndarray:
+def check_labels(labels: np.ndarray, name: str) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"{name}: expected a label map (H, W), got shape {labels.shape}")
@@ -81,8 +81,8 @@ def overlaps(truth: np.ndarray, pred: np.ndarray):
     Returns (inter int64 (n_true, n_pred), true_area int64 (n_true,), pred_area int64 (n_pred,),
     true_ids int64 (n_true,), pred_ids int64 (n_pred,)), ids increasing.
     """
-    truth = _check_labels(truth, "truth")
-    pred = _check_labels(pred, "pred")
+    truth = check_labels(truth, "truth")
+    pred = check_labels(pred, "pred")
     if truth.shape != pred.shape:
         raise ValueError(f"truth shape {truth.shape} differs from pred shape {pred.shape}")
     true_ids, t_index = _compact(truth)
@@ -174,7 +174,7 @@ def semantic_dice(truth: np.ndarray, pred: np.ndarray) -> float:
 def remove_border_objects(labels: np.ndarray, margin: int = BORDER_MARGIN) -> np.ndarray:
     """A copy of `labels` (H, W) with every object that has a pixel in the outer `margin` rows or
     columns set to background (the NeurIPS 2022 rule, margin 2); ids of the others are kept."""
-    labels = _check_labels(labels, "labels")
+    labels = check_labels(labels, "labels")
     band = np.ones(labels.shape, bool)
     band[margin:labels.shape[0] - margin, margin:labels.shape[1] - margin] = False
     touching = np.unique(labels[band])

@@ -210,11 +210,8 @@ def test_per_region_walker_matches_whole_image(cfg):
         assert _agreement(whole, region, fg) > 0.95
 
 
-def test_single_seed_regions_skip_the_solver(cfg, monkeypatch):
-    # five separate nuclei and one pair of touching nuclei: one solve, for the pair
-    truth = paint((96, 128), [((16, 16), 8), ((16, 56), 8), ((16, 100), 8), ((60, 16), 8),
-                              ((80, 60), 8), ((60, 90), 12), ((60, 110), 12)])
-    targets = make_targets(truth, cfg.contour, cfg.target)
+def count_walker_solves(monkeypatch) -> list:
+    """The shapes of the random walker solves made from now on (the list fills as they happen)."""
     calls = []
     real = pp.random_walker
 
@@ -223,6 +220,15 @@ def test_single_seed_regions_skip_the_solver(cfg, monkeypatch):
         return real(data, labels, *args, **kwargs)
 
     monkeypatch.setattr(pp, "random_walker", counting)
+    return calls
+
+
+def test_single_seed_regions_skip_the_solver(cfg, monkeypatch):
+    # five separate nuclei and one pair of touching nuclei: one solve, for the pair
+    truth = paint((96, 128), [((16, 16), 8), ((16, 56), 8), ((16, 100), 8), ((60, 16), 8),
+                              ((80, 60), 8), ((60, 90), 12), ((60, 110), 12)])
+    targets = make_targets(truth, cfg.contour, cfg.target)
+    calls = count_walker_solves(monkeypatch)
     for heads in (1, 2, 3):
         calls.clear()
         pred = postprocess(probs_of(targets, heads), PostSettings(policy="rw"))
@@ -236,14 +242,7 @@ def test_regions_too_large_for_the_walker_get_the_watershed(cfg, monkeypatch):
     # seeds x pixels, it is split by the watershed (no solve) and still gives the two nuclei
     truth = paint((96, 128), [((16, 16), 8), ((60, 90), 12), ((60, 110), 12)])
     targets = make_targets(truth, cfg.contour, cfg.target)
-    calls = []
-    real = pp.random_walker
-
-    def counting(data, labels, *args, **kwargs):
-        calls.append(data.shape)
-        return real(data, labels, *args, **kwargs)
-
-    monkeypatch.setattr(pp, "random_walker", counting)
+    calls = count_walker_solves(monkeypatch)
     for heads in (1, 2, 3):
         probs = probs_of(targets, heads)
         settings = PostSettings(policy="rw")

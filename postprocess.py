@@ -51,9 +51,9 @@ PEAK_SMOOTH = 1.0      # 1 head: Gaussian sigma applied to the distance transfor
 SEED_MIN_SIZE = 2      # 2-3 heads: thresholded seed components below this many pixels are dropped
 RW_BETA = 130.0        # random walker beta (skimage's default), for the whole image's data spread
 RW_MARGIN = 2          # pixels around a region's bounding box in a per-region random walker solve
-# a region's random walker solve costs about (seeds x pixels): 50 seeds in a 256x256 region took 19 s
-# on one core, and regions just under this cap 0.5 to 3.6 s (random data); a region above it is
-# split by the watershed instead (see the module notes)
+# a region's random walker solve costs about (seeds x pixels): bench/rw_regions.py, one core,
+# random data: 50 seeds in a 256x256 region 14.7 s, regions just under this cap 0.6 to 3.3 s; a
+# region above it is split by the watershed instead (see the module notes)
 RW_MAX_WORK = 400_000
 
 

@@ -51,7 +51,7 @@ from labelio import LABEL_FORMATS, NAMINGS, TIFF_SUFFIXES, label_name, write_lab
 from model.checkpoint import latest_checkpoint
 from postprocess import postprocess
 from rle import ORDERS, semantic_row, write_dice_submission
-from tile_budget import MB, measure_budget
+from tile_budget import MB, CappedPredictor, measure_budget
 from tuning import resolve_post, tuned_path
 from valid import each_of_share, load_members, looks_like_checkpoint, together
 
@@ -141,12 +141,16 @@ def refuse_overwrite(source: Path, files: list[Path], targets: list[Path], check
             raise InputError(f"{path}: --dice-csv is also a label image's path")
 
 
-def peak_memory(device: torch.device, world: World = SINGLE) -> str:
+def peak_memory(device: torch.device, world: World = SINGLE, capped: CappedPredictor | None = None) -> str:
     """The peak memory of this process, or under torchrun the largest of the processes' peaks
-    (every process must call it then)."""
+    (every process must call it then). `capped`: the predictor that reset the allocator's peak per
+    image and kept the highest itself."""
     if device.type == "cuda":
-        allocated = world.max(torch.cuda.max_memory_allocated(device))
-        reserved = world.max(torch.cuda.max_memory_reserved(device))
+        allocated = torch.cuda.max_memory_allocated(device)
+        reserved = torch.cuda.max_memory_reserved(device)
+        if capped is not None:
+            allocated, reserved = max(allocated, capped.peak_allocated), max(reserved, capped.peak_reserved)
+        allocated, reserved = world.max(allocated), world.max(reserved)
         return f"peak GPU memory {allocated / MB:.0f} MB allocated, {reserved / MB:.0f} MB reserved" \
             + (" (the largest process's)" if world.size > 1 else "")
     # ru_maxrss is in KiB on Linux
@@ -189,9 +193,10 @@ def prepare(args, world: World):
 def predict(args, world: World):
     cfg, source, output, files, targets, paths, members, post, percentiles = together(world, prepare, args, world)
     device = world.device
-    budget = None
+    capped = None
     if cfg.valid.max_memory_mb and cfg.valid.pred_orig_size:
         budget = measure_budget(members, cfg.valid, device, cfg.valid.max_memory_mb)
+        capped = CappedPredictor(budget, members, device)
         print(f"memory cap {cfg.valid.max_memory_mb} MB: weights {budget.fixed / MB:.0f} MB, a tile "
               f"{budget.intercept / MB:.0f} MB + {budget.bytes_per_pixel:.0f} bytes a pixel "
               f"({'measured' if device.type == 'cuda' else 'estimated'}); tile sides are chosen per image")
@@ -209,12 +214,15 @@ def predict(args, world: World):
         path, target = item
         try:
             image = read_image(path, percentiles)
-            valid = budget.valid_for(cfg.valid, *image.shape[:2]) if budget else cfg.valid
+            if capped is not None:  # an image too large for the cap is reported like an unreadable one
+                probs, valid = capped(image, cfg.valid)
         except InputError as exc:
             if not world.grouped:
                 tqdm.write(f"error: {exc}", file=sys.stderr)  # as it comes; under torchrun rank 0 lists them
             return {"error": str(exc)}
-        probs = predict_image(members, image, valid, device=device)
+        if capped is None:
+            valid = cfg.valid
+            probs = predict_image(members, image, valid, device=device)
         labels = postprocess(probs, post)
         write_labels(target, labels)
         record = {"side": valid.tile_size}
@@ -226,7 +234,7 @@ def predict(args, world: World):
     start = time.perf_counter()
     records = each_of_share(world, list(zip(files, targets)), one_image, desc="predicting", unit="image")
     seconds = world.max(time.perf_counter() - start)  # the slowest process's
-    memory = peak_memory(device, world)
+    memory = peak_memory(device, world, capped)
     # rank 0 holds every process's records: its count is the total, which the others learn by the sum
     n_failed = int(world.sum([sum("error" in r for r in records) if world.main else 0])[0])
     if not world.main:
@@ -239,9 +247,12 @@ def predict(args, world: World):
             print(f"error: {message}", file=sys.stderr)
     sides = [r["side"] for r in records if "side" in r]
     done = len(files) - len(failed)
-    if budget and sides:
+    if capped is not None and sides:
         print(f"memory cap {cfg.valid.max_memory_mb} MB: tile sides {min(sides)} to {max(sides)} pixels "
               f"(images up to that size are predicted whole)")
+        for (h, w), peak, old, new in capped.corrections:
+            print(f"memory cap: a {w}x{h} image peaked at {peak / MB:.0f} MB with tiles of {old} pixels, over the "
+                  f"cap; it was predicted again with tiles of {new}, and later images use the corrected fit")
     if args.dice_csv:
         rows = [r["dice_row"] for r in records if "dice_row" in r]
         write_dice_submission(args.dice_csv, rows)

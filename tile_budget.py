@@ -15,6 +15,12 @@ allocated before); on a CPU, where no allocator reports its peak, they are estim
 of the network's module outputs that are alive at once (tracked with forward hooks and weak
 references), plus the input batch and the output maps.
 
+On CUDA the cap is also checked as prediction runs (`CappedPredictor`): every image's peak is read
+from the allocator, and an image that went over the cap is predicted again with the tile side its
+own peak asks for; the corrected slope then holds for the images after it. So a probe fit that was
+too low costs one image's time twice, not the cap. A CPU reports no peak, and its estimate is used
+as it is.
+
 The cap counts the memory PyTorch allocates. It does not count the CUDA context (several hundred
 MB on recent cards) or memory the caching allocator holds without using it, which `nvidia-smi`
 shows: leave room for them. With `[pre] size_norm` images are rescaled (up to 4x a side) before
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from config import InputError, ValidConfig
-from inference import Member, predict_model
+from inference import Member, predict_image, predict_model
 
 # probe tile sides: on CUDA large enough that the per-pixel part dominates the fixed part (the
 # float16 copies of the weights that autocast caches, the cuDNN workspace), which at 64 and 128
@@ -173,3 +179,83 @@ def measure_budget(members: list[Member], valid: ValidConfig, device, cap_mb: in
     image_bytes_per_pixel = 4.0 * (3 + 2 * heads + 1)
     return TileBudget(cap=cap_mb * MB, fixed=int(fixed), intercept=int(max(intercept, 0)), bytes_per_pixel=slope,
                       image_bytes_per_pixel=image_bytes_per_pixel, stride=stride)
+
+
+def cuda_peak(device):
+    """A `measure` for `CappedPredictor` on CUDA: runs a call and returns (its result, the peak bytes
+    allocated and reserved while it ran)."""
+    device = torch.device(device)
+
+    def measure(call):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            out = call()
+        except torch.OutOfMemoryError:  # a card smaller than the cap, or one shared with others
+            out = None
+            torch.cuda.empty_cache()
+        torch.cuda.synchronize(device)
+        return out, torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    return measure
+
+
+class CappedPredictor:
+    """`predict_image` with the tile side of a `TileBudget`, the cap checked where the device reports
+    its peak (`measure`, by default `cuda_peak` on CUDA and nothing on a CPU).
+
+    An image whose measured peak is over the cap is predicted again with a smaller tile: the slope
+    is raised to what the peak implies for the tile that ran (at least 10 % above the old one), the
+    side shrinks by at least one stride, and the corrected budget is kept for later images. When
+    not even one stride fits, `TileBudget.tile_for` raises its InputError. A try that runs out of
+    memory (`measure` returns no result) counts as a peak a quarter over the cap. `peak_allocated` and
+    `peak_reserved` are the highest peaks measured over every call (the allocator's own running
+    peak is reset per image), `corrections` lists (image shape, peak bytes, old side, new side)."""
+
+    def __init__(self, budget: TileBudget, members: list, device, measure=None):
+        self.budget = budget
+        self.members = members
+        self.device = torch.device(device)
+        self.measure = measure if measure is not None else (cuda_peak(self.device) if self.device.type == "cuda"
+                                                            else None)
+        self.peak_allocated = 0
+        self.peak_reserved = 0
+        self.corrections: list[tuple[tuple[int, int], int, int, int]] = []
+
+    def __call__(self, image, valid: ValidConfig, sizes: dict | None = None):
+        """(probabilities, the [valid] settings that produced them) for one image."""
+        height, width = image.shape[:2]
+        sizes = {} if sizes is None else sizes
+        while True:
+            used = self.budget.valid_for(valid, height, width)
+            if self.measure is None:
+                return predict_image(self.members, image, used, device=self.device, sizes=sizes), used
+            probs, allocated, reserved = self.measure(
+                lambda: predict_image(self.members, image, used, device=self.device, sizes=sizes))
+            if probs is None:  # out of memory: the peak it reached is a floor; count it as a quarter over
+                allocated = max(allocated, int(1.25 * self.budget.cap))
+            else:
+                self.peak_allocated = max(self.peak_allocated, allocated)
+                self.peak_reserved = max(self.peak_reserved, reserved)
+            if probs is not None and allocated <= self.budget.cap:
+                return probs, used
+            # size_norm members predict the image rescaled: their tiles cover the rescaled extent
+            factor = max([f for _, f in sizes.values()] + [1.0])
+            self._correct((height, width), allocated, used.tile_size, factor)
+
+    def _correct(self, shape: tuple[int, int], peak: int, side: int, factor: float) -> None:
+        b = self.budget
+        extent = [min(side, math.ceil(n * factor)) for n in shape]  # the tile that ran
+        buffers = b.fixed + b.image_bytes_per_pixel * shape[0] * shape[1] + b.intercept
+        budget = dataclasses.replace(b, bytes_per_pixel=max((peak - buffers) / (extent[0] * extent[1]),
+                                                            1.1 * b.bytes_per_pixel))
+        new = budget.tile_for(*shape)  # an InputError when not even one stride fits
+        below = (max(extent) - 1) // b.stride * b.stride  # strictly smaller than the tile that ran
+        if new > below:
+            if below < b.stride:
+                raise InputError(f"[valid] max_memory_mb = {b.cap / MB:.0f}: a {shape[1]}x{shape[0]} image "
+                                 f"peaked at {peak / MB:.0f} MB with tiles of {max(extent)} pixels; raise the cap")
+            # the slope at which tile_for gives `below` for this image
+            budget = dataclasses.replace(budget, bytes_per_pixel=(b.cap - buffers) / (below + b.stride / 2) ** 2)
+            new = budget.tile_for(*shape)
+        self.budget = budget
+        self.corrections.append((shape, peak, max(extent), new))

@@ -322,10 +322,10 @@ def validate(args, world: World):
 
     metric, why = (args.metric, "--metric") if args.metric else default_metric(cfg, args.dataset)
     extra = EXTRA_COLUMNS if metric == "all" else tuple(c for c in EXTRA_COLUMNS if c == metric)
-    budget = None
+    capped = None
     if cfg.valid.max_memory_mb and cfg.valid.pred_orig_size:
-        from tile_budget import measure_budget
-        budget = measure_budget(members, cfg.valid, device, cfg.valid.max_memory_mb)
+        from tile_budget import CappedPredictor, measure_budget
+        capped = CappedPredictor(measure_budget(members, cfg.valid, device, cfg.valid.max_memory_mb), members, device)
 
     outputs = args.csv or args.masks or args.labels or args.scores or args.tune or args.dice_csv
     figures = args.show or args.save or (args.figures and not outputs)
@@ -345,8 +345,10 @@ def validate(args, world: World):
         the tables and CSV files need."""
         image, truth = read_sample_cached(files, cfg.target.fill_holes, cfg.dataset.cache_dir)
         sizes = {}
-        valid = budget.valid_for(cfg.valid, *image.shape[:2]) if budget else cfg.valid
-        probs = predict_image(members, image, valid, device=device, sizes=sizes)
+        if capped is not None:
+            probs, _ = capped(image, cfg.valid, sizes=sizes)
+        else:
+            probs = predict_image(members, image, cfg.valid, device=device, sizes=sizes)
         record = {"id": files.id, "factors": {name: factor for name, (_, factor) in sizes.items()}}
         if args.tune:
             if truth is None:

@@ -1,7 +1,9 @@
 """Does `[valid] max_memory_mb` hold? Predict one large image under several caps and report the
-tile side each cap picks, the peak memory PyTorch allocated (CUDA) and the seconds, beside the
-uncapped default (tile_size 1024); and the CPU estimate of bytes per tile pixel beside the CUDA
-measurement for the same network.
+tile side each cap's probes pick, the side prediction ended with (`tile_budget.CappedPredictor`
+predicts an image again with smaller tiles when its measured peak went over the cap), the peak
+memory PyTorch allocated (CUDA) over both tries and the seconds, beside the uncapped default
+(tile_size 1024); and the CPU estimate of bytes per tile pixel beside the CUDA measurement for the
+same network.
 
     python3 bench/predict_memory.py --side 3000 --caps 1500 1000 700 --out out/predict_memory.csv
 
@@ -27,7 +29,7 @@ from atomic import atomic_path  # noqa: E402
 from config import load_config  # noqa: E402
 from inference import Member, predict_image  # noqa: E402
 from model import build_model  # noqa: E402
-from tile_budget import MB, measure_budget  # noqa: E402
+from tile_budget import MB, CappedPredictor, measure_budget  # noqa: E402
 
 
 def main(argv=None):
@@ -59,21 +61,34 @@ def main(argv=None):
         image[max(0, y - 8):y + 8, max(0, x - 8):x + 8] = 200
     rows = []
     for cap in [0, *args.caps]:
-        valid = cfg.valid
         budget = None
+        start = time.perf_counter()
         if cap:
             budget = measure_budget(members, cfg.valid, device, cap)
-            valid = budget.valid_for(cfg.valid, args.side, args.side)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        predict_image(members, image, valid, device=device)
-        torch.cuda.synchronize()
+            first = budget.tile_for(args.side, args.side)
+            capped = CappedPredictor(budget, members, device)
+            _, valid = capped(image, cfg.valid)
+            peak, reserved = capped.peak_allocated / MB, capped.peak_reserved / MB
+            # the last try is what a user's later images get: it alone must be under the cap
+            torch.cuda.reset_peak_memory_stats(device)
+            predict_image(members, image, valid, device=device)
+            torch.cuda.synchronize()
+            last = torch.cuda.max_memory_allocated(device) / MB
+        else:
+            first = None
+            valid = cfg.valid
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            predict_image(members, image, valid, device=device)
+            torch.cuda.synchronize()
+            peak = last = torch.cuda.max_memory_allocated(device) / MB
+            reserved = torch.cuda.max_memory_reserved(device) / MB
         seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device) / MB
-        rows.append({"cap_mb": cap, "tile": valid.tile_size, "peak_allocated_mb": round(peak, 1),
-                     "peak_reserved_mb": round(torch.cuda.max_memory_reserved(device) / MB, 1),
-                     "under_cap": (peak <= cap) if cap else None, "seconds": round(seconds, 2),
+        rows.append({"cap_mb": cap, "probed_tile": first, "tile": valid.tile_size,
+                     "tries": 1 + (len(capped.corrections) if cap else 0),
+                     "peak_allocated_mb": round(peak, 1), "last_try_allocated_mb": round(last, 1),
+                     "peak_reserved_mb": round(reserved, 1),
+                     "under_cap": (last <= cap) if cap else None, "seconds": round(seconds, 2),
                      "measured_bytes_per_pixel": round(budget.bytes_per_pixel) if budget else None,
                      "estimated_bytes_per_pixel": round(estimate.bytes_per_pixel)})
         print(rows[-1])

@@ -10,7 +10,8 @@ import torch
 from config import InputError, load_config
 from inference import Member, predict_image
 from model import build_model
-from tile_budget import MB, LiveTensors, TileBudget, measure_budget, tile_peak_bytes
+import tile_budget
+from tile_budget import MB, CappedPredictor, LiveTensors, TileBudget, measure_budget, tile_peak_bytes
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +87,90 @@ def test_prediction_under_a_cap_equals_prediction_with_that_tile_size(tiny):
                           dataclasses.replace(cfg.valid, tile_size=valid.tile_size, tile_overlap=valid.tile_overlap))
     for head in capped:
         assert capped[head].shape == (150, 130) and np.array_equal(capped[head], fixed[head])
+
+
+class FakeDevice:
+    """A device whose allocator peaks at the weights and image buffers plus `slope` bytes a pixel of
+    the tile that ran: `true_slope` higher than the probes' fit, as on the GPU where the cap failed."""
+
+    def __init__(self, budget, true_slope, monkeypatch):
+        self.budget, self.true_slope, self.sides = budget, true_slope, []
+        real = tile_budget.predict_image
+
+        def spy(members, image, valid, **kw):
+            self.sides.append(valid.tile_size)
+            self.shape = image.shape[:2]
+            return real(members, image, valid, **kw)
+        monkeypatch.setattr(tile_budget, "predict_image", spy)
+
+    def measure(self, call):
+        out = call()
+        h, w = self.shape
+        side = self.sides[-1]
+        b = self.budget
+        peak = b.fixed + b.image_bytes_per_pixel * h * w + b.intercept + self.true_slope * min(side, h) * min(side, w)
+        return out, int(peak), int(peak) + 1000
+
+
+def test_a_peak_over_the_cap_shrinks_the_tile_and_predicts_again(tiny, monkeypatch):
+    cfg, model = tiny
+    image = np.random.default_rng(1).integers(0, 255, (200, 180, 3), dtype=np.uint8)
+    budget = TileBudget(cap=2 * MB, fixed=MB, intercept=0, bytes_per_pixel=40.0, image_bytes_per_pixel=8.0,
+                        stride=16)
+    fake = FakeDevice(budget, true_slope=60.0, monkeypatch=monkeypatch)  # the fit is 1.5x too low
+    predictor = CappedPredictor(budget, [Member(model)], "cpu", measure=fake.measure)
+    probs, used = predictor(image, cfg.valid)
+    first, second = fake.sides
+    assert first == budget.tile_for(200, 180) and second < first
+    assert used.tile_size == second and predictor.peak_allocated > budget.cap
+    assert predictor.corrections == [((200, 180), predictor.peak_allocated, first, second)]
+    # what came back is the prediction with the smaller tile, and it fits under the cap
+    assert fake.measure(lambda: None)[1] <= budget.cap
+    again = predict_image([Member(model)], image, used)
+    assert all(np.array_equal(probs[k], again[k]) for k in probs)
+    # the next image starts from the corrected fit: one run, no correction
+    fake.sides.clear()
+    predictor(image, cfg.valid)
+    assert fake.sides == [second] and len(predictor.corrections) == 1
+
+
+def test_the_correction_shrinks_a_whole_image_tile_and_stops_at_one_stride(tiny, monkeypatch):
+    cfg, model = tiny
+    image = np.random.default_rng(2).integers(0, 255, (60, 60, 3), dtype=np.uint8)
+    budget = TileBudget(cap=MB, fixed=0, intercept=0, bytes_per_pixel=1.0, image_bytes_per_pixel=8.0, stride=16)
+    # the image is predicted whole (its side is below the tile); the true cost fits no tile at all
+    fake = FakeDevice(budget, true_slope=MB, monkeypatch=monkeypatch)
+    predictor = CappedPredictor(budget, [Member(model)], "cpu", measure=fake.measure)
+    with pytest.raises(InputError, match=r"max_memory_mb = 1: a 60x60 image"):
+        predictor(image, cfg.valid)
+    # each retry ran a smaller tile than the one before
+    assert fake.sides[0] > 60 and all(b < a for a, b in zip(fake.sides[1:], fake.sides[2:]))
+    assert len(fake.sides) <= 5
+
+
+def test_on_a_cpu_the_budget_is_used_as_it_is(tiny):
+    cfg, model = tiny
+    image = np.random.default_rng(3).integers(0, 255, (150, 130, 3), dtype=np.uint8)
+    budget = TileBudget(cap=MB, fixed=0, intercept=0, bytes_per_pixel=40.0, image_bytes_per_pixel=8.0, stride=16)
+    predictor = CappedPredictor(budget, [Member(model)], "cpu")
+    assert predictor.measure is None
+    probs, used = predictor(image, cfg.valid)
+    assert used == budget.valid_for(cfg.valid, 150, 130) and predictor.corrections == []
+
+
+def test_a_try_that_ran_out_of_memory_is_retried_with_a_smaller_tile(tiny, monkeypatch):
+    cfg, model = tiny
+    image = np.random.default_rng(4).integers(0, 255, (200, 180, 3), dtype=np.uint8)
+    budget = TileBudget(cap=2 * MB, fixed=MB, intercept=0, bytes_per_pixel=40.0, image_bytes_per_pixel=8.0,
+                        stride=16)
+    fake = FakeDevice(budget, true_slope=40.0, monkeypatch=monkeypatch)
+    tries = []
+
+    def out_of_memory_once(call):  # the first try fails as torch.OutOfMemoryError would, with no result
+        out, peak, reserved = fake.measure(call)
+        tries.append(peak)
+        return (None, peak, reserved) if len(tries) == 1 else (out, peak, reserved)
+    predictor = CappedPredictor(budget, [Member(model)], "cpu", measure=out_of_memory_once)
+    probs, used = predictor(image, cfg.valid)
+    assert len(tries) == 2 and fake.sides[1] < fake.sides[0] and used.tile_size == fake.sides[1]
+    assert probs["semantic"].shape == (200, 180) and predictor.peak_allocated == tries[1] <= budget.cap

@@ -81,6 +81,7 @@ class TrainConfig:
     grad_accum: int = _at_least(1)
     grad_clip: float = _at_least(0)
     amp: str = _choices("auto", "off", "float16", "bfloat16")
+    channels_last: bool
     seed: int
     balance_group: bool
     balance_family: bool

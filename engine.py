@@ -153,7 +153,7 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device,
             before_step(step)
         batch = to_device(batch, device)
         image = batch["image"]
-        if device.type == "cuda":
+        if train_cfg.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         outputs = autocast_forward(model, image, dtype)
         loss, per_head = multitask_loss(outputs, batch, cfg.loss)

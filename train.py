@@ -405,7 +405,7 @@ def train(args, world: World) -> int:
     if cfg.train.sync_bn and world.grouped:
         model = sync_batch_norm(model, world)
     model = model.to(device)
-    if device.type == "cuda":
+    if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     processes = ""
     if world.grouped:

@@ -9,8 +9,9 @@ For every model (unet, caunet, camunet) x decoder sharing, measured side by side
   and it includes starting the loader's worker processes, as every real epoch does.
 With --amp off bfloat16 every row is measured once per [train] amp setting, one after the other
 (bfloat16 autocast pays off on CPUs with AMX or AVX512-BF16 units; `auto` measures what
-engine.choose_precision picks on this machine). --models and --n-filter narrow the run to the
-recipe's own network.
+engine.choose_precision picks on this machine). With --memory-format contiguous channels_last every
+row is also measured once per [train] channels_last setting, one after the other. --models and
+--n-filter narrow the run to the recipe's own network.
 Prints a markdown table (images per second, loop/bare ratio, data-wait share) for docs/; every row
 names the CPU model and the bfloat16 units PyTorch reports, so rows from different machines can
 sit in one table.
@@ -39,10 +40,13 @@ def bare_rate(model, cfg, batch: dict, steps: int) -> float:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     model.train()
     dtype = amp_dtype(cfg.train.amp, torch.device("cpu"))
+    image = batch["image"]
+    if cfg.train.channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
     times = []
     for _ in range(steps + 1):  # the first step warms up allocators and is dropped
         start = time.perf_counter()
-        loss, _ = multitask_loss(autocast_forward(model, batch["image"], dtype), batch, cfg.loss)
+        loss, _ = multitask_loss(autocast_forward(model, image, dtype), batch, cfg.loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -74,6 +78,8 @@ def main(argv=None):
     parser.add_argument("--n-filter", type=int, default=None, help="decoder width (default: the config's)")
     parser.add_argument("--models", nargs="+", default=["unet", "caunet", "camunet"])
     parser.add_argument("--amp", nargs="+", default=["off"], choices=["off", "bfloat16", "auto"])
+    parser.add_argument("--memory-format", nargs="+", default=["channels_last"],
+                        choices=["contiguous", "channels_last"], help="[train] channels_last settings to measure")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     samples = [s for s in list_samples(args.root) if s.mask_paths is not None][:args.steps * args.batch]
@@ -88,9 +94,9 @@ def main(argv=None):
               f"{args.width}x{args.width}, {args.steps} steps per row, {args.workers} loader workers\n")
         units = ", ".join(unit for unit, present in cpu_bf16_units().items() if present) or "none"
         machine = f"{cpu_model()} | {units}"
-        print("| model | decoders | amp | params (M) | bare img/s | loop img/s | loop / bare | data wait share "
-              "| CPU | bf16 units |")
-        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+        print("| model | decoders | amp | memory format | params (M) | bare img/s | loop img/s | loop / bare "
+              "| data wait share | CPU | bf16 units |")
+        print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
         for name in args.models:
             for shared in (True, False):
                 if name == "unet" and not shared:
@@ -99,15 +105,20 @@ def main(argv=None):
                 if args.n_filter:
                     cfg = cfg.replace("model", n_filter=args.n_filter)
                 for amp in args.amp:
-                    cfg = cfg.replace("train", amp=amp)
-                    model = build_model(cfg.model)
-                    params = sum(p.numel() for p in model.parameters()) / 1e6
-                    bare = bare_rate(model, cfg, batch, args.steps)
-                    loop, wait = loop_rate(model, cfg, data, args.steps, args.batch, args.workers)
-                    dtype = amp_dtype(amp, torch.device("cpu"))
-                    shown = amp if amp != "auto" else f"auto ({'float32' if dtype is None else 'bfloat16'})"
-                    print(f"| {name} | {'shared' if shared else 'separate'} | {shown} | {params:.2f} | {bare:.2f} | "
-                          f"{loop:.2f} | {loop / bare:.2f} | {100 * wait:.1f}% | {machine} |", flush=True)
+                    for memory_format in args.memory_format:
+                        last = memory_format == "channels_last"
+                        cfg = cfg.replace("train", amp=amp, channels_last=last)
+                        model = build_model(cfg.model)
+                        if last:
+                            model = model.to(memory_format=torch.channels_last)
+                        params = sum(p.numel() for p in model.parameters()) / 1e6
+                        bare = bare_rate(model, cfg, batch, args.steps)
+                        loop, wait = loop_rate(model, cfg, data, args.steps, args.batch, args.workers)
+                        dtype = amp_dtype(amp, torch.device("cpu"))
+                        shown = amp if amp != "auto" else f"auto ({'float32' if dtype is None else 'bfloat16'})"
+                        print(f"| {name} | {'shared' if shared else 'separate'} | {shown} | {memory_format} | "
+                              f"{params:.2f} | {bare:.2f} | {loop:.2f} | {loop / bare:.2f} | {100 * wait:.1f}% | "
+                              f"{machine} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,7 @@ class PostConfig:
     threshold_mark: float = _between(0, 1)
     min_object_size: int = _at_least(0)
     fill_holes: bool
+    seed_peaks: bool
 
 
 SECTIONS: dict[str, type] = {

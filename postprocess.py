@@ -15,6 +15,9 @@ CAMUNet; each a float (H, W) map in [0, 1]):
      split at the neck while a ridge (an elongated or ring-shaped nucleus) stays one seed.
    Thresholded seed components smaller than `SEED_MIN_SIZE` pixels are noise specks and dropped
    (distance-peak seeds are kept whatever their size: a peak is often a single pixel).
+   With `seed_peaks` (2 and 3 heads), the seeds are instead the distance-transform domes of the
+   thresholded core, as for 1 head: nuclei that the contour and marker heads cut apart stay apart,
+   and those they leave joined are still split at the neck.
 2. Foreground: semantic > threshold, united with the seeds.
 3. Partition of the foreground among the seeds:
    - 'ws': `skimage.segmentation.watershed` with markers = seeds, mask = foreground, on the
@@ -90,13 +93,12 @@ def seeds(probs: dict[str, np.ndarray], settings: PostConfig) -> tuple[np.ndarra
     mask = semantic > settings.threshold
     if contour is None:
         # distance-transform peaks: one per round blob, two for two touching round nuclei
-        dist = _distance(mask)
-        if PEAK_SMOOTH > 0:
-            dist = ndimage.gaussian_filter(dist, PEAK_SMOOTH) * mask
-        return _domes(dist, PEAK_H)
+        return _distance_peaks(mask)
     core = mask & ~(contour > settings.threshold_edge)
     if marker is not None:
         core &= marker > settings.threshold_mark
+    if settings.seed_peaks:
+        return _distance_peaks(core)
     lab, n = ndimage.label(core, structure=_CROSS)
     if n and SEED_MIN_SIZE > 1:
         sizes = np.bincount(lab.ravel(), minlength=n + 1)
@@ -106,6 +108,14 @@ def seeds(probs: dict[str, np.ndarray], settings: PostConfig) -> tuple[np.ndarra
             lab, _, _ = relabel_sequential(np.where(keep[lab], lab, 0))
             n = int(keep[1:].sum())
     return lab.astype(np.int32), int(n)
+
+
+def _distance_peaks(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Seeds at the domes of the mask's (slightly smoothed) distance transform."""
+    dist = _distance(mask)
+    if PEAK_SMOOTH > 0:
+        dist = ndimage.gaussian_filter(dist, PEAK_SMOOTH) * mask
+    return _domes(dist, PEAK_H)
 
 
 def _domes(height: np.ndarray, h: float) -> tuple[np.ndarray, int]:

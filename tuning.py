@@ -25,7 +25,7 @@ from metrics import match
 from postprocess import postprocess
 
 TUNE_GRID = {"threshold": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9), "threshold_edge": (0.3, 0.5, 0.7),
-             "threshold_mark": (0.3, 0.5, 0.7), "policy": ("ws", "rw")}
+             "threshold_mark": (0.3, 0.5, 0.7), "seed_peaks": (False, True), "policy": ("ws", "rw")}
 
 
 def tuned_path(checkpoint: str | Path) -> Path:
@@ -35,10 +35,11 @@ def tuned_path(checkpoint: str | Path) -> Path:
 
 def grid_for(heads: set[str], keep_policy: bool = False) -> dict[str, tuple]:
     """The part of TUNE_GRID that matters for models with these heads: thresholds of heads the
-    models lack are not searched; with keep_policy neither is the policy."""
+    models lack are not searched (nor seed_peaks without a contour head); with keep_policy neither
+    is the policy."""
     return {k: v for k, v in TUNE_GRID.items()
-            if (k != "threshold_edge" or "contour" in heads) and (k != "threshold_mark" or "marker" in heads)
-            and (k != "policy" or not keep_policy)}
+            if (k not in ("threshold_edge", "seed_peaks") or "contour" in heads)
+            and (k != "threshold_mark" or "marker" in heads) and (k != "policy" or not keep_policy)}
 
 
 def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = False) -> tuple[PostConfig, float]:
@@ -80,11 +81,11 @@ def read_tuned(path: Path) -> dict[str, object]:
             continue  # a key that was not searched (a model without that head)
         value = record[key]
         where = f"{path}: [post] {key}"
-        expected = str if key == "policy" else (int, float)
-        if isinstance(value, bool) or not isinstance(value, expected):
+        expected = {"policy": str, "seed_peaks": bool}.get(key, (int, float))
+        if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
             raise InputError(f"{where}: {value!r} is not a valid value")
         _check_field(fields[key], value, where)
-        values[key] = float(value) if key != "policy" else value
+        values[key] = float(value) if expected == (int, float) else value
     if not values:
         raise InputError(f"{path}: not a tuned-thresholds file (none of {', '.join(TUNE_GRID)})")
     return values

@@ -112,6 +112,26 @@ def test_one_head_splits_two_touching_disks(policy):
     assert_matches(pred, truth)
 
 
+@pytest.mark.parametrize("heads", [2, 3])
+def test_seed_peaks_split_what_a_weak_contour_leaves_joined(heads):
+    """A contour head that missed the border between two touching nuclei: its core is one
+    component, one seed; with seed_peaks the core's distance peaks give two, as for one head."""
+    truth = paint((64, 64), [((32, 22), 10), ((32, 40), 10)])
+    fg = (truth > 0).astype(np.float32)
+    probs = {"semantic": fg, "contour": np.zeros_like(fg), "marker": fg}
+    probs = {k: probs[k] for k in HEADS[heads]}
+    _, n = pp.seeds(probs, PostSettings())
+    assert n == 1
+    seeds, n = pp.seeds(probs, PostSettings(seed_peaks=True))
+    assert n == 2 and seeds[32, 22] != seeds[32, 40] and 0 not in (seeds[32, 22], seeds[32, 40])
+    assert_matches(postprocess(probs, PostSettings(seed_peaks=True)), truth)
+    # where the contour head did cut them apart, the peaks keep them apart too
+    contour = np.zeros_like(fg)
+    contour[:, 30:33] = 1
+    probs["contour"] = contour
+    assert pp.seeds(probs, PostSettings())[1] == 2 and pp.seeds(probs, PostSettings(seed_peaks=True))[1] == 2
+
+
 @pytest.mark.parametrize("policy", ["ws", "rw"])
 def test_missed_blob_becomes_instance(cfg, policy):
     truth = paint((64, 64), [((20, 20), 8), ((44, 44), 8)])

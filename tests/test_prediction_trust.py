@@ -120,6 +120,9 @@ def test_tuned_values_are_checked_and_explicit_settings_win(work, capsys):
         tuned.write_text(json.dumps({"threshold": 1.5, "policy": "ws"}))
         with pytest.raises(InputError, match=r"best.pkl.post.json: \[post\] threshold: 1.5 is above the maximum"):
             valid.main(["ckpt/best.pkl", "--dataset", "valid", "--no-figures"])
+        tuned.write_text(json.dumps({"threshold": 0.8, "seed_peaks": "yes"}))
+        with pytest.raises(InputError, match=r"best.pkl.post.json: \[post\] seed_peaks: 'yes' is not a valid value"):
+            valid.main(["ckpt/best.pkl", "--dataset", "valid", "--no-figures"])
         tuned.write_text(json.dumps({"threshold": 0.8, "policy": "rw"}))
         (work / "other.ini").write_text("[post]\nthreshold = 0.35\n")
         valid.main(["ckpt/best.pkl", "--dataset", "valid", "--config", "other.ini", "--no-figures"])

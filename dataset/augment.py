@@ -110,6 +110,16 @@ def prepare_key(pre: PreConfig | None) -> tuple | None:
     return (pre.stain_norm, pre.invert_bright, pre.stretch, pre.clahe)
 
 
+# part of the disk cache's key for prepared images (NucleiDataset.prepared): raise it whenever
+# prepare_image or the functions it calls change what they return
+PREPARE_VERSION = 1
+
+
+def prepares_nothing(pre: PreConfig) -> bool:
+    """True when `prepare_image` returns the image as it is."""
+    return pre.stain_norm == "off" and not (pre.invert_bright or pre.stretch or pre.clahe)
+
+
 def prepare_image(image: np.ndarray, pre: PreConfig) -> np.ndarray:
     """Deterministic whole-image preprocessing, the same for training and prediction:
     `[pre] stain_norm`, `invert_bright`, `stretch` then `clahe`. RGB uint8 (H, W, 3) in and out."""

@@ -410,3 +410,23 @@ def read_sample_cached(files: SampleFiles, fill_holes: bool, cache_dir: str | os
     except OSError:
         pass  # a read-only or full cache folder only costs speed
     return image, labels
+
+
+def derived_cached(files: SampleFiles, fill_holes: bool, cache_dir: str | os.PathLike, tag: str, compute):
+    """An array computed from the decoded sample by a deterministic `compute()`, through the same disk
+    cache as `read_sample_cached`: keyed by that sample's key and `tag` (which must name every
+    setting `compute` reads), written atomically, recomputed when the entry is damaged."""
+    digest = hashlib.sha1(tag.encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"{_cache_key(files, fill_holes)}-{digest}.npy"
+    if path.is_file():
+        try:
+            return np.load(path)
+        except (OSError, ValueError):
+            pass
+    array = compute()
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, array)
+    except OSError:
+        pass
+    return array

@@ -13,9 +13,10 @@ import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from config import Config, InputError
-from dataset.augment import Augmenter, item_generator, prepare_image, to_tensor_image
+from dataset.augment import (PREPARE_VERSION, Augmenter, item_generator, prepare_image, prepare_key, prepares_nothing,
+                             to_tensor_image)
 from dataset.families import family_weights, image_features, sample_families
-from dataset.io import SampleFiles, read_sample_cached
+from dataset.io import SampleFiles, derived_cached, read_sample_cached
 from dataset.selection import balance_weights, read_whitelist
 from dataset.targets import make_targets
 
@@ -58,6 +59,7 @@ class NucleiDataset(Dataset):
         self.seed = cfg.train.seed if seed is None else seed
         self.epoch = 0
         self._memory: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._prepared: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -75,9 +77,24 @@ class NucleiDataset(Dataset):
             self._memory[index] = read_sample_cached(self.samples[index], self.cfg.target.fill_holes, None)
         return self._memory[index]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+    def prepared(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The decoded image after `prepare_image`, and its labels. The preparation is the same every
+        epoch (a haematoxylin view or a contrast stretch costs 20 ms on a usual image), so it is done
+        once: kept in the disk cache beside the decoded sample, or in memory without one."""
         image, labels = self.decoded(index)
-        image = prepare_image(image, self.cfg.pre)
+        pre = self.cfg.pre
+        if prepares_nothing(pre):
+            return image, labels
+        cache_dir = self.cfg.dataset.cache_dir
+        if cache_dir is not None:
+            return derived_cached(self.samples[index], self.cfg.target.fill_holes, cache_dir,
+                                  f"prepare_image v{PREPARE_VERSION} {prepare_key(pre)}", lambda: prepare_image(image, pre)), labels
+        if index not in self._prepared:
+            self._prepared[index] = prepare_image(image, pre)
+        return self._prepared[index], labels
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        image, labels = self.prepared(index)
         if self.augment:
             if labels is None:
                 raise InputError(f"{self.samples[index].folder}: training sample has no masks/ folder")

@@ -41,6 +41,30 @@ def test_workers_give_the_same_batches_as_the_main_process(cfg):
     assert all(torch.equal(x, y) for x, y in zip(*batches))
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_prepared_images_are_made_once_and_equal_a_fresh_preparation(cfg, tmp_path, monkeypatch, cached):
+    from dataset import augment, torch_data
+    cfg = small(cfg).replace("pre", stain_norm="hematoxylin", stretch=True)
+    if not cached:
+        cfg = cfg.replace("dataset", cache_dir=None)
+    calls = []
+    real = augment.prepare_image
+    monkeypatch.setattr(torch_data, "prepare_image", lambda image, pre: calls.append(1) or real(image, pre))
+    samples = list_samples(SAMPLE)
+    first = NucleiDataset(samples, cfg, augment=True)
+    items = [first[i]["image"] for i in range(len(samples))]
+    assert len(calls) == len(samples)
+    data = first if not cached else NucleiDataset(samples, cfg, augment=True)  # a new run reads the disk cache
+    again = [data[i]["image"] for i in range(len(samples))]
+    assert len(calls) == len(samples) and all(torch.equal(a, b) for a, b in zip(items, again))
+    for i, sample in enumerate(samples):
+        image, _ = data.decoded(i)
+        assert np.array_equal(data.prepared(i)[0], real(image, cfg.pre))
+    # other [pre] preparation settings are other entries
+    NucleiDataset(samples, cfg.replace("pre", stretch=False), augment=True)[0]
+    assert len(calls) == len(samples) + 1
+
+
 def test_eval_items_are_whole_images(cfg):
     data = NucleiDataset(list_samples(SAMPLE), cfg, augment=False)
     sizes = {tuple(data[i]["image"].shape[1:]) for i in range(len(data))}

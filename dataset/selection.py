@@ -7,8 +7,9 @@ validation score over samples whose group is also trained on would flatter the m
 """
 from __future__ import annotations
 
+import hashlib
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -145,11 +146,46 @@ def training_split(cfg: Config) -> tuple[list[SampleFiles], list[SampleFiles]]:
     if not train:
         raise InputError(f"{where}: no sample is left after the CSV whitelist {data.csv_file}")
     if valid:
-        return train, apply_whitelist(valid, data, table)
+        valid = apply_whitelist(valid, data, table)
+        check_no_leak(train, valid, where, data.split_csv or root / "valid")
+        return train, valid
     groups = sample_groups(train, table, data.csv_file)
     train_ids, valid_ids = split_ids([s.id for s in train], data.cv_ratio, data.split_seed, groups)
     chosen = set(valid_ids)
     return [s for s in train if s.id not in chosen], [s for s in train if s.id in chosen]
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha1").hexdigest()
+
+
+def check_no_leak(train: list[SampleFiles], valid: list[SampleFiles], train_where, valid_where) -> None:
+    """InputError when a validation sample is also trained on: the same image file content on both
+    sides (a copy or a hard link, whatever its name), or two crop.py tiles of one source image
+    (the group in their folders' group.txt). Validation scores over such samples flatter the model.
+    Only files whose sizes match are hashed, so the check costs little."""
+    by_size = defaultdict(list)
+    for files in train:
+        by_size[files.image_path.stat().st_size].append(files)
+    train_digests = {}
+    for files in valid:
+        for other in by_size.get(files.image_path.stat().st_size, ()):
+            if other.id not in train_digests:
+                train_digests[other.id] = _digest(other.image_path)
+            if train_digests[other.id] == _digest(files.image_path):
+                raise InputError(f"{valid_where}: validation image {files.image_path.name} ({files.id}) is also a "
+                                 f"training image ({other.image_path} in {train_where}); a score over images the "
+                                 f"network trains on flatters it: remove it from one side, or make a fresh split "
+                                 f"(split.py --force)")
+    tiles = {files.group: files for files in train if files.group is not None and files.labels_kind == "masks"}
+    for files in valid:
+        other = tiles.get(files.group) if files.labels_kind == "masks" else None
+        if other is not None:
+            raise InputError(f"{valid_where}: validation sample {files.id} and training sample {other.id} "
+                             f"({train_where}) are tiles of one image (group {files.group} in their group.txt); "
+                             f"its overlapping pixels would be scored after training on them: keep a group on "
+                             f"one side (split.py splits by group)")
 
 
 def named_samples(cfg: Config, name: str) -> list[SampleFiles]:

@@ -143,6 +143,37 @@ def test_training_split_keeps_the_tiles_of_one_image_on_one_side(tmp_path, cfg, 
     assert len({parent[s.id] for s in valid}) == 1 and not {parent[s.id] for s in train} & {parent[s.id] for s in valid}
 
 
+def test_a_valid_folder_that_shares_an_image_or_a_tile_group_with_train_is_refused(tmp_path, cfg):
+    import shutil
+
+    import crop
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE, data / "train")
+    make_sample(data / "valid", "fresh", np.full((64, 64), 90, np.uint8), [disk((64, 64), (32, 32), 6)])
+    c = cfg.replace("dataset", root=str(data))
+    train, valid = training_split(c)
+    assert len(train) == 8 and [s.id for s in valid] == ["fresh"]
+    # a training image copied into valid/ under another name
+    first = sorted((data / "train").iterdir())[0]
+    shutil.copytree(first, data / "valid" / "renamed")
+    (data / "valid" / "renamed" / "images" / f"{first.name}.png").rename(
+        data / "valid" / "renamed" / "images" / "renamed.png")
+    with pytest.raises(InputError, match=rf"valid: validation image renamed.png \(renamed\) is also a training "
+                                         rf"image \(.*{first.name}.png"):
+        training_split(c)
+    shutil.rmtree(data / "valid" / "renamed")
+    # crop.py tiles of one image on both sides
+    source = tmp_path / "src"
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)  # tiles unlike each other
+    make_sample(source, "big", noise, [disk((64, 64), (y, 16), 5) for y in (16, 48)])
+    crop.crop_dataset(source, tmp_path / "tiles", 32, 32)
+    tiles = sorted((tmp_path / "tiles").iterdir())
+    shutil.copytree(tiles[0], data / "train" / tiles[0].name)
+    shutil.copytree(tiles[-1], data / "valid" / tiles[-1].name)
+    with pytest.raises(InputError, match=r"are tiles of one image \(group big in their group.txt\)"):
+        training_split(c)
+
+
 def test_training_split_without_valid_folder(tmp_path, cfg):
     (tmp_path / "train").symlink_to(SAMPLE)
     c = cfg.replace("dataset", root=str(tmp_path), cv_ratio=0.25)

@@ -259,7 +259,8 @@ def _parse_value(kind, text: str, where: str):
     raise TypeError(f"unsupported setting type {kind!r}")  # a bug in this file, not user input
 
 
-def _check_field(f: dataclasses.Field, value, where: str) -> None:
+def check_field(f: dataclasses.Field, value, where: str) -> None:
+    """A ConfigError naming `where` when `value` breaks the field's choices or range (its metadata)."""
     for v in value if isinstance(value, tuple) else (value,):
         if "choices" in f.metadata and v not in f.metadata["choices"]:
             raise ConfigError(f"{where}: {v!r} is not one of {', '.join(f.metadata['choices'])}")
@@ -271,7 +272,7 @@ def _check_field(f: dataclasses.Field, value, where: str) -> None:
 
 def _check_ranges(obj, section: str, source: str) -> None:
     for f in dataclasses.fields(obj):
-        _check_field(f, getattr(obj, f.name), f"{source}: [{section}] {f.name}")
+        check_field(f, getattr(obj, f.name), f"{source}: [{section}] {f.name}")
 
 
 def _read_ini(path: Path) -> configparser.ConfigParser:
@@ -329,7 +330,7 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
             text, source = raw[section][f.name]
             where = f"{source}: [{section}] {f.name}"
             values[f.name] = _parse_value(hints[f.name], text, where)
-            _check_field(f, values[f.name], where)
+            check_field(f, values[f.name], where)
             if source != str(default_path):
                 default_value = _parse_value(hints[f.name], defaults.get(section, f.name), where)
                 if values[f.name] != default_value:
@@ -383,7 +384,7 @@ def under_saved(cfg: Config, saved: dict, where: str) -> tuple[Config, list[tupl
             if f.name in theirs and cfg.source_of(section, f.name) is None:
                 at = f"{where}: saved [{section}] {f.name}"
                 value = _parse_value(hints[f.name], _as_text(theirs[f.name]), at)
-                _check_field(f, value, at)
+                check_field(f, value, at)
                 if value != getattr(ours, f.name):
                     taken.append((section, f.name, value))
             values[f.name] = value

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from atomic import atomic_path
-from config import Config, InputError, PostConfig
+from config import Config, InputError, PostConfig, check_field  # the config files' own value checks
 from metrics import match
 from postprocess import postprocess
 
@@ -73,7 +73,6 @@ def read_tuned(path: Path) -> dict[str, object]:
         raise InputError(f"{path}: not a tuned-thresholds file ({exc})") from None
     if not isinstance(record, dict):
         raise InputError(f"{path}: not a tuned-thresholds file (expected a JSON object)")
-    from config import _check_field  # the same checks as for config files
     fields = {f.name: f for f in dataclasses.fields(PostConfig)}
     values = {}
     for key in TUNE_GRID:
@@ -84,7 +83,7 @@ def read_tuned(path: Path) -> dict[str, object]:
         expected = {"policy": str, "seed_peaks": bool}.get(key, (int, float))
         if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
             raise InputError(f"{where}: {value!r} is not a valid value")
-        _check_field(fields[key], value, where)
+        check_field(fields[key], value, where)
         values[key] = float(value) if expected == (int, float) else value
     if not values:
         raise InputError(f"{path}: not a tuned-thresholds file (none of {', '.join(TUNE_GRID)})")

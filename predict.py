@@ -250,9 +250,8 @@ def predict(args, world: World):
     if capped is not None and sides:
         print(f"memory cap {cfg.valid.max_memory_mb} MB: tile sides {min(sides)} to {max(sides)} pixels "
               f"(images up to that size are predicted whole)")
-        for (h, w), peak, old, new in capped.corrections:
-            print(f"memory cap: a {w}x{h} image peaked at {peak / MB:.0f} MB with tiles of {old} pixels, over the "
-                  f"cap; it was predicted again with tiles of {new}, and later images use the corrected fit")
+        for line in capped.report():
+            print(line)
     if args.dice_csv:
         rows = [r["dice_row"] for r in records if "dice_row" in r]
         write_dice_submission(args.dice_csv, rows)

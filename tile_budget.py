@@ -242,6 +242,12 @@ class CappedPredictor:
             factor = max([f for _, f in sizes.values()] + [1.0])
             self._correct((height, width), allocated, used.tile_size, factor)
 
+    def report(self) -> list[str]:
+        """One line per correction, for the run's summary."""
+        return [f"memory cap: a {w}x{h} image peaked at {peak / MB:.0f} MB with tiles of {old} pixels, over the "
+                f"cap of {self.budget.cap / MB:.0f} MB; it was predicted again with tiles of {new}, and later "
+                f"images use the corrected fit" for (h, w), peak, old, new in self.corrections]
+
     def _correct(self, shape: tuple[int, int], peak: int, side: int, factor: float) -> None:
         b = self.budget
         extent = [min(side, math.ceil(n * factor)) for n in shape]  # the tile that ran

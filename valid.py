@@ -387,6 +387,8 @@ def validate(args, world: World):
     for name, values in factors.items():
         print(f"size normalisation ({name}): images rescaled by {np.exp(np.mean(np.log(values))):.3f} on average "
               f"(geometric mean; {min(values):.3f} to {max(values):.3f})")
+    for line in capped.report() if capped is not None else []:
+        print(line)
     if args.tune:
         kept = [record["kept"] for record in records]
         grid = grid_for(heads, args.keep_policy)

@@ -174,3 +174,14 @@ def test_a_try_that_ran_out_of_memory_is_retried_with_a_smaller_tile(tiny, monke
     probs, used = predictor(image, cfg.valid)
     assert len(tries) == 2 and fake.sides[1] < fake.sides[0] and used.tile_size == fake.sides[1]
     assert probs["semantic"].shape == (200, 180) and predictor.peak_allocated == tries[1] <= budget.cap
+
+
+def test_the_report_names_each_correction():
+    budget = TileBudget(cap=2 * MB, fixed=MB, intercept=0, bytes_per_pixel=40.0, image_bytes_per_pixel=8.0,
+                        stride=16)
+    predictor = CappedPredictor(budget, [], "cpu")
+    assert predictor.report() == []
+    predictor.corrections.append(((200, 180), 3 * MB, 128, 112))
+    assert predictor.report() == ["memory cap: a 180x200 image peaked at 3 MB with tiles of 128 pixels, over the cap "
+                                  "of 2 MB; it was predicted again with tiles of 112, and later images use the "
+                                  "corrected fit"]

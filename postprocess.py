@@ -15,9 +15,9 @@ CAMUNet; each a float (H, W) map in [0, 1]):
      split at the neck while a ridge (an elongated or ring-shaped nucleus) stays one seed.
    Thresholded seed components smaller than `SEED_MIN_SIZE` pixels are noise specks and dropped
    (distance-peak seeds are kept whatever their size: a peak is often a single pixel).
-   With `seed_peaks` (2 and 3 heads), the seeds are instead the distance-transform domes of the
-   thresholded core, as for 1 head: nuclei that the contour and marker heads cut apart stay apart,
-   and those they leave joined are still split at the neck.
+   With `seed_peaks` (2 and 3 heads), a seed component with two or more distance-transform domes
+   (as for 1 head) is replaced by those domes: nuclei that the contour and marker heads cut apart
+   stay apart, and those they leave joined are still split at the neck.
 2. Foreground: semantic > threshold, united with the seeds.
 3. Partition of the foreground among the seeds:
    - 'ws': `skimage.segmentation.watershed` with markers = seeds, mask = foreground, on the
@@ -97,8 +97,6 @@ def seeds(probs: dict[str, np.ndarray], settings: PostConfig) -> tuple[np.ndarra
     core = mask & ~(contour > settings.threshold_edge)
     if marker is not None:
         core &= marker > settings.threshold_mark
-    if settings.seed_peaks:
-        return _distance_peaks(core)
     lab, n = ndimage.label(core, structure=_CROSS)
     if n and SEED_MIN_SIZE > 1:
         sizes = np.bincount(lab.ravel(), minlength=n + 1)
@@ -107,7 +105,27 @@ def seeds(probs: dict[str, np.ndarray], settings: PostConfig) -> tuple[np.ndarra
         if not keep[1:].all():
             lab, _, _ = relabel_sequential(np.where(keep[lab], lab, 0))
             n = int(keep[1:].sum())
+    if settings.seed_peaks and n:
+        return _split_at_peaks(lab, n)
     return lab.astype(np.int32), int(n)
+
+
+def _split_at_peaks(lab: np.ndarray, n: int) -> tuple[np.ndarray, int]:
+    """Seed components with two or more distance-transform peaks replaced by those peaks; the
+    others (one peak, or none: a small or thin component) stay whole."""
+    peaks, m = _distance_peaks(lab > 0)
+    if m == 0:
+        return lab.astype(np.int32), n
+    owner = np.zeros(m + 1, np.int64)  # the component each peak lies in (peaks lie inside the core)
+    owner[peaks[peaks > 0]] = lab[peaks > 0]
+    split = np.bincount(owner[1:], minlength=n + 1) >= 2
+    split[0] = False
+    whole = (lab > 0) & ~split[lab]
+    out = np.where(whole, lab, 0).astype(np.int64)
+    from_peaks = (peaks > 0) & split[lab]
+    out[from_peaks] = n + peaks[from_peaks]
+    out, _, _ = relabel_sequential(out)
+    return out.astype(np.int32), int(out.max())
 
 
 def _distance_peaks(mask: np.ndarray) -> tuple[np.ndarray, int]:

@@ -11,10 +11,17 @@ the per-region random walker and the naive whole-image random walker on the same
 the whole-image walker runs once), the number of objects, the mean IoU
 of the truth objects with their best predicted match, and the pixel agreement of the two random
 walkers on the foreground after matching labels.
+
+A second table compares the two ways of seeding with a contour head (`[post] seed_peaks` off: the
+seed core's connected components; on: its distance-transform peaks), watershed only, on the same
+maps and on 'weak contour' maps: the soft maps with the contour head's map scaled by 0.3, so that
+it mostly stays under threshold_edge, as the contour head of a network trained for 20 CPU-minutes
+does (docs/results.md).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import sys
 import time
@@ -155,6 +162,21 @@ def main(argv=None):
                   f"{1e3 * t_rw:.0f} | {1e3 * t_whole:.0f} | {ws.max()} / {rw.max()} / "
                   f"{truth.max()} | {mean_best_iou(ws, truth):.3f} / {mean_best_iou(rw, truth):.3f}"
                   f" | {agreement(rw, whole, fg):.4f} |")
+
+    weak = {**soft, "contour": (0.3 * soft["contour"]).astype(np.float32)}
+    print("\n| maps | heads | seeds: components / peaks | objects: components / peaks / truth "
+          "| mean IoU: components / peaks | watershed ms: components / peaks |")
+    print("|---|---|---|---|---|---|")
+    peaks = dataclasses.replace(settings, seed_peaks=True)
+    for maps_name, maps in (("perfect", targets), ("soft", soft), ("weak contour", weak)):
+        for heads in (2, 3):
+            probs = {k: maps[k] for k in HEADS[heads]}
+            n = [pp.seeds(probs, s)[1] for s in (settings, peaks)]
+            timed = [best_time(lambda s=s: pp.postprocess(probs, s), args.repeat) for s in (settings, peaks)]
+            (t_c, lab_c), (t_p, lab_p) = timed
+            print(f"| {maps_name} | {heads} | {n[0]} / {n[1]} | {lab_c.max()} / {lab_p.max()} / {truth.max()} | "
+                  f"{mean_best_iou(lab_c, truth):.3f} / {mean_best_iou(lab_p, truth):.3f} | "
+                  f"{1e3 * t_c:.0f} / {1e3 * t_p:.0f} |")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,13 @@ def test_seed_peaks_split_what_a_weak_contour_leaves_joined(heads):
     contour[:, 30:33] = 1
     probs["contour"] = contour
     assert pp.seeds(probs, PostSettings())[1] == 2 and pp.seeds(probs, PostSettings(seed_peaks=True))[1] == 2
+    # small seed components (a marker head's eroded cores) have no dome of their own: they stay seeds
+    small = np.zeros((40, 40), np.float32)
+    for y, x in ((10, 10), (10, 30), (30, 20)):
+        small[y - 1:y + 2, x - 1:x + 2] = 1
+    probs = {"semantic": np.ones_like(small), "contour": np.zeros_like(small), "marker": small}
+    probs = {k: probs[k] for k in HEADS[heads]} if heads == 3 else {"semantic": small, "contour": 0 * small}
+    assert pp.seeds(probs, PostSettings(seed_peaks=True))[1] == pp.seeds(probs, PostSettings())[1] == 3
 
 
 @pytest.mark.parametrize("policy", ["ws", "rw"])

@@ -15,7 +15,8 @@ same split), holds --tune-images further images out of training as a tune split,
 from scratch for --budget minutes on the rest, tunes the [post] thresholds on the tune split (images
 the network never saw, so the thresholds are not flattered by training images), scores the
 validation split with the DSB2018 metric, and appends one row to --results (default
-docs/results.csv): config, split seed, budget, machine, epochs reached, mean DSB score, the score
+docs/results.csv): config, split seed, budget, machine (CPU model, bfloat16 units, threads, torch
+version), epochs reached, mean DSB score, the score
 per image type, F1 at IoU 0.5, inference seconds per image, and the tuning grid and its choice.
 Rows made before the tune split existed (tune_protocol empty) tuned on training images.
 
@@ -311,7 +312,7 @@ def one_row(args, samples, family: str | None, families: dict[str, str]) -> dict
            "machine": f"{os.cpu_count()} cores, {device}, {platform.machine()}"
                       + (f", {torch.cuda.get_device_name(0)}" if device == "cuda" else ""), "cpu": cpu_model(),
            "bf16_units": " ".join(k for k, v in cpu_bf16_units().items() if v) or "none",
-           "threads": torch.get_num_threads(), "epochs": epochs,
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "epochs": epochs,
            "dsb": per_image["dsb"].mean(), "f1_at_0.5": per_image["f1"].mean(),
            "seconds_per_image": seconds, "n_valid": len(per_image), "split_seed": args.split_seed,
            "protocol": "random 10 %" if family is None else "leave one family out", "family": family or "",

@@ -174,6 +174,7 @@ class PostConfig:
     min_object_size: int = _at_least(0)
     fill_holes: bool
     seed_peaks: bool
+    semantic_only: bool
 
 
 SECTIONS: dict[str, type] = {

@@ -18,6 +18,8 @@ CAMUNet; each a float (H, W) map in [0, 1]):
    With `seed_peaks` (2 and 3 heads), a seed component with two or more distance-transform domes
    (as for 1 head) is replaced by those domes: nuclei that the contour and marker heads cut apart
    stay apart, and those they leave joined are still split at the neck.
+   With `semantic_only` the contour and marker maps are set aside and every step runs as for
+   1 head: a CAUNet or CAMUNet post-processed like a UNet, to see what its other heads add.
 2. Foreground: semantic > threshold, united with the seeds.
 3. Partition of the foreground among the seeds:
    - 'ws': `skimage.segmentation.watershed` with markers = seeds, mask = foreground, on the
@@ -328,6 +330,8 @@ def fill_instance_holes(labels: np.ndarray) -> np.ndarray:
 def postprocess(probs: dict[str, np.ndarray], settings: PostConfig) -> np.ndarray:
     """int32 (H, W) instance labels 1..n (0 background) from the probability maps of 1-3 heads."""
     semantic, _, _ = _check_probs(probs)
+    if settings.semantic_only:
+        probs = {"semantic": semantic}
     seed_labels, n_seeds = seeds(probs, settings)
     fg = foreground(probs, settings, seed_labels)
     if not fg.any():

@@ -315,6 +315,8 @@ def validate(args, world: World):
     cfg, paths, members, post, samples = together(world, prepare, args, world)
     device = world.device
     heads = set().union(*(m.model.heads for m in members))
+    if post.semantic_only:
+        heads = {"semantic"}  # the other maps are not read: their thresholds are not tuned
     processes = f" x {world.size} processes (images shared)" if world.grouped else ""
     print(f"{len(members)} checkpoint(s) ({', '.join(p.name for p in paths)}) on {len(samples)} "
           f"{args.dataset} images, {device}{processes}, TTA {'on' if cfg.valid.test_time_augment else 'off'}, "

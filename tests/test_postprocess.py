@@ -139,6 +139,15 @@ def test_seed_peaks_split_what_a_weak_contour_leaves_joined(heads):
     assert pp.seeds(probs, PostSettings(seed_peaks=True))[1] == pp.seeds(probs, PostSettings())[1] == 3
 
 
+def test_semantic_only_post_processes_like_one_head():
+    truth = paint((64, 64), [((32, 22), 10), ((32, 40), 10)])
+    fg = (truth > 0).astype(np.float32)
+    probs = {"semantic": fg, "contour": np.zeros_like(fg), "marker": fg}
+    alone = postprocess({"semantic": fg}, PostSettings())
+    assert postprocess(probs, PostSettings()).max() == 1  # the missed border merges the two
+    assert np.array_equal(postprocess(probs, PostSettings(semantic_only=True)), alone) and alone.max() == 2
+
+
 @pytest.mark.parametrize("policy", ["ws", "rw"])
 def test_missed_blob_becomes_instance(cfg, policy):
     truth = paint((64, 64), [((20, 20), 8), ((44, 44), 8)])

@@ -170,10 +170,12 @@ def check_no_leak(train: list[SampleFiles], valid: list[SampleFiles], train_wher
         by_size[files.image_path.stat().st_size].append(files)
     train_digests = {}
     for files in valid:
-        for other in by_size.get(files.image_path.stat().st_size, ()):
+        same_size = by_size.get(files.image_path.stat().st_size, ())
+        digest = _digest(files.image_path) if same_size else None
+        for other in same_size:
             if other.id not in train_digests:
                 train_digests[other.id] = _digest(other.image_path)
-            if train_digests[other.id] == _digest(files.image_path):
+            if train_digests[other.id] == digest:
                 raise InputError(f"{valid_where}: validation image {files.image_path.name} ({files.id}) is also a "
                                  f"training image ({other.image_path} in {train_where}); a score over images the "
                                  f"network trains on flatters it: remove it from one side, or make a fresh split "

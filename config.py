@@ -129,6 +129,7 @@ class PreConfig:
     stain_norm: str = _choices("off", "hematoxylin")
     invert_bright: bool
     stain_jitter: float = _between(0, 1)
+    resolution_jitter: float = _between(0, 1)
     noise: bool
     noise_sigma: float = _at_least(0)
     size_norm: bool

@@ -1,6 +1,7 @@
 """Joint image + instance-label augmentation, switched by `[pre]`.
 
-Geometry (rescale + crop, elastic distortion, flips, 90-degree rotations) runs in OpenCV/numpy on
+Geometry (rescale + crop, a random loss of resolution, elastic distortion, flips, 90-degree
+rotations) runs in OpenCV/numpy on
 the image and the label map together; labels are always resampled with nearest neighbour, so an
 instance id is never interpolated into another. Colour changes run afterwards on the image alone,
 with torchvision's transforms, after the haematoxylin-eosin stain jitter of `[pre] stain_jitter`
@@ -198,6 +199,22 @@ def scaled_crop(image: np.ndarray, labels: np.ndarray, width: int, scale: float,
     return out_image, out_labels
 
 
+# the largest shrink factor of `[pre] resolution_jitter`: nuclei of a third of nucleus_diameter
+# (about 7 pixels for the default 20) are enlarged by 3 at prediction
+RESOLUTION_JITTER_MAX = 3.0
+
+
+def lose_resolution(image: np.ndarray, factor: float) -> np.ndarray:
+    """The image shrunk by `factor` (area averaging) and enlarged back to its size (bilinear): what
+    prediction's `inference.rescale_image` gives for an image captured `factor` times smaller."""
+    height, width = image.shape[:2]
+    small = (max(1, int(round(width / factor))), max(1, int(round(height / factor))))
+    if small == (width, height):
+        return image
+    shrunk = cv2.resize(image, small, interpolation=cv2.INTER_AREA)
+    return cv2.resize(shrunk, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 def elastic(image: np.ndarray, labels: np.ndarray, alpha: float, sigma: float,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Smooth random displacement field (Gaussian-filtered noise, scaled by alpha) applied to both."""
@@ -264,6 +281,8 @@ class Augmenter:
             image, labels = scaled_crop(image, labels, pre.width, scale, rng)
         else:
             image, labels = random_crop(image, labels, pre.width, scale, rng)
+        if pre.resolution_jitter > 0 and rng.random() < pre.resolution_jitter:
+            image = lose_resolution(image, float(np.exp(rng.uniform(0.0, np.log(RESOLUTION_JITTER_MAX)))))
         if pre.elastic and pre.elastic_alpha > 0:
             image, labels = elastic(image, labels, pre.elastic_alpha, pre.elastic_sigma, rng)
         return flip_rotate(image, labels, pre.flip, pre.rotate, rng)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from dataset.augment import Augmenter, elastic, random_crop, scaled_crop
+from dataset.augment import Augmenter, elastic, lose_resolution, random_crop, scaled_crop
 from tests.conftest import disk
 
 COLOURS = np.array([[0, 0, 0]] + [[(37 * i) % 200 + 50, (91 * i) % 200 + 50, (53 * i) % 200 + 50]
@@ -192,3 +192,31 @@ def test_scaled_crop_of_a_far_too_large_window_stays_small_and_loses_no_nucleus(
     assert (out_labels > 0).any() and set(np.unique(out_labels)) <= set(np.unique(labels))
     background = out_labels == 0
     assert (out_image[background] == np.median(image.reshape(-1, 3), axis=0).astype(np.uint8)).all(axis=1).mean() > 0.8
+
+
+def test_lose_resolution_blurs_like_a_smaller_capture_and_keeps_the_size():
+    rng = np.random.default_rng(0)
+    sharp = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    assert lose_resolution(sharp, 1.0) is sharp
+    blurred = lose_resolution(sharp, 2.5)
+    assert blurred.shape == sharp.shape and blurred.dtype == np.uint8
+    # pixel-to-pixel differences (fine detail) fall, the mean intensity stays
+    detail = lambda a: np.abs(np.diff(a.astype(float), axis=1)).mean()  # noqa: E731
+    assert detail(blurred) < 0.5 * detail(sharp)
+    assert abs(blurred.astype(float).mean() - sharp.astype(float).mean()) < 3
+    flat = np.full((30, 30, 3), 90, np.uint8)
+    assert (lose_resolution(flat, 3.0) == 90).all()
+
+
+def test_resolution_jitter_blurs_the_image_and_leaves_the_labels(cfg):
+    image, labels = painted(shape=(160, 160), n=30, seed=3)
+    off = dict(rescale=False, elastic=False, flip=False, rotate=False, width=96)
+    plain = Augmenter(cfg.replace("pre", **off).pre)
+    jitter = Augmenter(cfg.replace("pre", **off, resolution_jitter=1.0).pre)
+    a_image, a_labels = plain.geometric(image, labels, np.random.default_rng(5))
+    b_image, b_labels = jitter.geometric(image, labels, np.random.default_rng(5))
+    assert np.array_equal(a_labels, b_labels)
+    assert not np.array_equal(a_image, b_image)
+    assert np.abs(np.diff(b_image.astype(float), axis=1)).mean() < np.abs(np.diff(a_image.astype(float), axis=1)).mean()
+    # off by default: the crop draws nothing more from the generator, so earlier runs repeat
+    assert cfg.pre.resolution_jitter == 0.0

@@ -1,0 +1,114 @@
+"""How much of a size test set's gap is the rescaled truth itself, and how much the network's.
+
+    python3 bench/size_truth.py out/bench_s0/v5_size_norm_f32_s0 --factor 0.5
+
+`bench/accuracy.py --scales 0.5` scores a network on its validation split made half as large, with
+the masks rescaled by nearest neighbour. At that size a DSB2018 nucleus is 8 or 9 pixels across,
+and which of its boundary pixels survive depends on where the sampling grid falls. This script
+asks what a network that were perfectly size-invariant would score there: its own predictions on
+the full-size images, made small. It needs a finished accuracy.py run folder (`checkpoint/`,
+`settings.ini`, `data/valid` and `data/valid_x<FACTOR>`), writes the run's label images at both
+sizes once under `<run>/size_truth/` (valid.py --labels; about the time of scoring both sets), and
+prints the mean DSB score of
+
+- the network on the rescaled images (what the benchmark's `dsb_x<FACTOR>` column reports),
+- its full-size labels made small by nearest neighbour (as the benchmark makes the truth), and
+- its full-size labels made small one nucleus at a time by area averaging, kept where at least half
+  of a pixel is covered (a smooth rescale),
+
+each against the benchmark's rescaled truth and against the full-size truth made small the smooth
+way, and the two truths against each other. Where the full-size labels made small score as low
+as the rescaled prediction, the gap is the test set's resampling, not a lack of size invariance.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dataset.io import list_samples, read_sample  # noqa: E402
+from metrics import match  # noqa: E402
+
+
+def nearest_small(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Labels rescaled to `shape` (H, W) by nearest neighbour, as `bench/accuracy.py` rescales masks."""
+    return cv2.resize(labels.astype(np.int32), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+def smooth_small(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Labels rescaled to `shape` one instance at a time with area averaging, each kept where it
+    covers at least half of a pixel (later labels win the rare pixel two instances both half cover)."""
+    out = np.zeros(shape, np.int32)
+    for n in np.unique(labels[labels > 0]):
+        cover = cv2.resize((labels == n).astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+        out[cover >= 0.5] = n
+    return out
+
+
+def write_labels(run: Path, dataset: str, folder: Path) -> None:
+    """The run's last checkpoint's label images for `dataset`, written once by valid.py (tuned [post])."""
+    if folder.is_dir():
+        return
+    import valid
+    from model.checkpoint import latest_checkpoint
+    checkpoint = latest_checkpoint(run / "checkpoint")
+    if checkpoint is None:
+        raise SystemExit(f"error: {run / 'checkpoint'}: no checkpoint; run bench/accuracy.py first")
+    valid.main([str(checkpoint), "--dataset", dataset, "--labels", str(folder), "--label-format", "png",
+                "--no-figures", "--config", str(run / "settings.ini")])
+
+
+def read_labels(path: Path) -> np.ndarray:
+    labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if labels is None:
+        raise SystemExit(f"error: {path}: missing or unreadable label image")
+    return labels.astype(np.int32)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a bench/accuracy.py run folder scored with --scales FACTOR")
+    parser.add_argument("--factor", type=float, default=0.5, help="the size test set to read (default 0.5)")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    name = f"valid_x{args.factor:g}"
+    for need in (run / "settings.ini", run / "data" / "valid", run / "data" / name):
+        if not need.exists():
+            raise SystemExit(f"error: {need}: not found; run bench/accuracy.py --scales {args.factor:g} first")
+    out = run / "size_truth"
+    write_labels(run, "valid", out / "valid")
+    write_labels(run, name, out / name)
+
+    small = {s.id: s for s in list_samples(run / "data" / name)}
+    rows = []
+    for files in list_samples(run / "data" / "valid"):
+        _, truth = read_sample(files)
+        _, truth_set = read_sample(small[files.id])
+        shape = truth_set.shape
+        truth_smooth = smooth_small(truth, shape)
+        native = read_labels(out / name / f"{files.id}.png")
+        full = read_labels(out / "valid" / f"{files.id}.png")
+        preds = {"native": native, "nearest": nearest_small(full, shape), "smooth": smooth_small(full, shape)}
+        row = [match(truth, full).dsb, match(truth_set, truth_smooth).dsb]
+        for pred in preds.values():
+            row += [match(truth_set, pred).dsb, match(truth_smooth, pred).dsb]
+        rows.append(row)
+    r = np.mean(rows, axis=0)
+    print(f"{run} ({len(rows)} images), size test set x{args.factor:g}")
+    print(f"full-size prediction against full-size truth: {r[0]:.3f}")
+    print(f"smooth truth against the set's (nearest) truth: {r[1]:.3f}")
+    print("| prediction | against the set's truth | against the smooth truth |")
+    print("| --- | ---: | ---: |")
+    labels = {"native": f"network on the x{args.factor:g} images",
+              "nearest": "full-size prediction made small, nearest neighbour",
+              "smooth": "full-size prediction made small, smooth"}
+    for i, key in enumerate(labels):
+        print(f"| {labels[key]} | {r[2 + 2 * i]:.3f} | {r[3 + 2 * i]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

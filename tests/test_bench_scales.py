@@ -2,6 +2,7 @@
 import contextlib
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -11,6 +12,7 @@ from tests.test_bench_accuracy import TINY
 
 sys.path.insert(0, str(REPO / "bench"))
 import accuracy  # noqa: E402
+import size_truth  # noqa: E402
 
 
 @pytest.fixture
@@ -51,6 +53,31 @@ def test_rescaled_validation_copies_are_scored_into_their_own_columns(bench):
     assert sorted((bench / "work" / "scaled").iterdir()) == copies
     assert [p.stat().st_mtime_ns for p in copies] == stamp
     assert 0 <= classical["dsb_x3"] <= 1 and list(pd.read_csv("results.csv")["name"]) == ["unet", "classical"]
+
+
+def test_size_truth_reads_a_finished_run_and_reports_the_rows_scores(bench, capsys):
+    row = run("--config", "unet.ini", "--budget", "5")
+    capsys.readouterr()
+    size_truth.main([str(bench / "work" / "unet"), "--factor", "0.5"])
+    out = capsys.readouterr().out
+    # the label images it writes give the row's own scores, at full size and at x0.5
+    assert f"full-size prediction against full-size truth: {row['dsb']:.3f}" in out
+    assert f"| network on the x0.5 images | {row['dsb_x0.5']:.3f} |" in out
+    with pytest.raises(SystemExit, match="size_norm"):
+        size_truth.main([str(bench / "work" / "unet"), "--true-scale"])
+    with pytest.raises(SystemExit, match="valid_x2"):
+        size_truth.main([str(bench / "work" / "unet"), "--factor", "2"])
+
+
+def test_smooth_and_nearest_halving_undo_a_nearest_doubling():
+    rng = np.random.default_rng(0)
+    labels = np.zeros((20, 24), np.int32)
+    for n in range(1, 6):
+        y, x = rng.integers(2, 17), rng.integers(2, 21)
+        labels[y - 2:y + 2, x - 2:x + 3] = n
+    doubled = np.repeat(np.repeat(labels, 2, axis=0), 2, axis=1)
+    assert np.array_equal(size_truth.smooth_small(doubled, labels.shape), labels)
+    assert np.array_equal(size_truth.nearest_small(doubled, labels.shape), labels)
 
 
 def test_two_rows_started_together_share_the_copies(tmp_path, monkeypatch):

@@ -123,6 +123,10 @@ def main(argv=None) -> None:
     for need in (run / "settings.ini", run / "data" / "valid", run / "data" / name):
         if not need.exists():
             raise SystemExit(f"error: {need}: not found; run bench/accuracy.py --scales {args.factor:g} first")
+    if args.true_scale:
+        from config import load_config
+        if not load_config(run / "settings.ini", user_path=None).pre.size_norm:
+            raise SystemExit(f"error: {run / 'settings.ini'}: --true-scale needs a run trained with [pre] size_norm")
     out = run / "size_truth"
     write_labels(run, "valid", out / "valid")
     write_labels(run, name, out / name)

@@ -63,8 +63,9 @@ def test_size_truth_reads_a_finished_run_and_reports_the_rows_scores(bench, caps
     # the label images it writes give the row's own scores, at full size and at x0.5
     assert f"full-size prediction against full-size truth: {row['dsb']:.3f}" in out
     assert f"| network on the x0.5 images | {row['dsb_x0.5']:.3f} |" in out
-    with pytest.raises(SystemExit, match="size_norm"):
+    with pytest.raises(SystemExit, match="settings.ini: --true-scale needs a run trained with"):
         size_truth.main([str(bench / "work" / "unet"), "--true-scale"])
+    assert capsys.readouterr().out == ""  # refused before anything is scored
     with pytest.raises(SystemExit, match="valid_x2"):
         size_truth.main([str(bench / "work" / "unet"), "--factor", "2"])
 

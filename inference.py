@@ -236,11 +236,14 @@ def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int, t
 
 
 def predict_normalised(model, image: torch.Tensor, valid: ValidConfig, width: int,
-                       target: float) -> tuple[dict[str, torch.Tensor], float | None, float]:
+                       target: float, factor: float | None = None) -> tuple[dict[str, torch.Tensor], float | None, float]:
     """`predict_model` at the nucleus size `target` (pixels): the image is rescaled by the factor
-    `estimate_scale` gives, predicted with `valid`'s TTA, padding and tiles, and every map is
-    resized back to the image's size. Returns (maps, estimated diameter or None, factor)."""
-    diameter, factor = estimate_scale(model, image, valid, width, target)
+    `estimate_scale` gives (or by `factor` when given, with no estimate), predicted with `valid`'s
+    TTA, padding and tiles, and every map is resized back to the image's size. Returns (maps,
+    estimated diameter or None, factor)."""
+    diameter = None
+    if factor is None:
+        diameter, factor = estimate_scale(model, image, valid, width, target)
     h, w = image.shape[-2:]
     out = predict_model(model, rescale_image(image, scaled_size(h, w, factor)), valid, width)
     return {k: resize_maps(v, (h, w)) for k, v in out.items()}, diameter, factor

@@ -22,7 +22,8 @@ as the rescaled prediction, the gap is the test set's resampling, not a lack of 
 
 With --true-scale (a checkpoint trained with `[pre] size_norm`), the rescaled images are also
 predicted at the factor their true masks give (`dataset.sizes.median_diameter`) instead of the
-network's own estimate, with the same tuned [post]: what a perfect size estimate would add.
+network's own estimate (`inference.predict_normalised` with that factor), with the same tuned
+[post]: what a perfect size estimate would add.
 """
 from __future__ import annotations
 
@@ -66,14 +67,13 @@ def write_labels(run: Path, dataset: str, folder: Path) -> None:
                 "--no-figures", "--config", str(run / "settings.ini")])
 
 
-def true_scale_scores(run: Path, name: str) -> tuple[float, float, float]:
-    """(mean DSB at the network's estimated scale, at the true masks' scale, share of images whose
-    estimated factor is within 20 % of the true one) for the images of data/<name>, without the
-    label files: each image is predicted twice."""
+def true_scale_scores(run: Path, name: str) -> tuple[float, float]:
+    """(mean DSB of the images of data/<name> predicted at the factor their true masks give, share of
+    images whose estimated factor is within 20 % of that one), with the run's tuned [post]."""
     import torch
     from config import load_config
     from dataset.sizes import median_diameter, size_factor
-    from inference import estimate_scale, member_input, predict_model, rescale_image, resize_maps, scaled_size
+    from inference import estimate_scale, member_input, predict_normalised
     from model.checkpoint import latest_checkpoint
     from postprocess import postprocess
     from tuning import resolve_post
@@ -81,27 +81,19 @@ def true_scale_scores(run: Path, name: str) -> tuple[float, float, float]:
     checkpoint = latest_checkpoint(run / "checkpoint")
     members, cfg = load_members([checkpoint], load_config(run / "settings.ini"), torch.device("cpu"), False)
     member = members[0]
-    if member.pre is None or not member.pre.size_norm:
-        raise SystemExit(f"error: {checkpoint}: --true-scale needs a checkpoint trained with [pre] size_norm")
     post, _ = resolve_post(cfg, checkpoint, True)
     target = member.pre.nucleus_diameter
-    rows = []
+    scores, within = [], []
     with torch.no_grad():
         for files in list_samples(run / "data" / name):
             image, truth = read_sample(files)
             x = member_input(member, image)
-            h, w = x.shape[-2:]
-            _, estimated = estimate_scale(member.model, x, cfg.valid, member.pre.width, target)
             true = size_factor(median_diameter(truth), target)
-            row = [abs(np.log(estimated / true)) < np.log(1.2)]
-            for factor in (estimated, true):
-                maps = predict_model(member.model, rescale_image(x, scaled_size(h, w, factor)), cfg.valid,
-                                     member.pre.width)
-                row.append(match(truth, postprocess({k: resize_maps(v, (h, w)).numpy() for k, v in maps.items()},
-                                                    post)).dsb)
-            rows.append(row)
-    r = np.mean(rows, axis=0)
-    return float(r[1]), float(r[2]), float(r[0])
+            _, estimated = estimate_scale(member.model, x, cfg.valid, member.pre.width, target)
+            within.append(abs(np.log(estimated / true)) < np.log(1.2))
+            maps, _, _ = predict_normalised(member.model, x, cfg.valid, member.pre.width, target, factor=true)
+            scores.append(match(truth, postprocess({k: v.numpy() for k, v in maps.items()}, post)).dsb)
+    return float(np.mean(scores)), float(np.mean(within))
 
 
 def read_labels(path: Path) -> np.ndarray:
@@ -157,8 +149,8 @@ def main(argv=None) -> None:
     for i, key in enumerate(labels):
         print(f"| {labels[key]} | {r[2 + 2 * i]:.3f} | {r[3 + 2 * i]:.3f} |")
     if args.true_scale:
-        estimated, true, within = true_scale_scores(run, name)
-        print(f"x{args.factor:g} images at the network's estimated scale: {estimated:.3f}, at the true masks' "
+        true, within = true_scale_scores(run, name)
+        print(f"x{args.factor:g} images at the network's estimated scale: {r[2]:.3f}, at the true masks' "
               f"scale: {true:.3f} (estimate within 20 % of the true factor on {within:.0%} of the images)")
 
 

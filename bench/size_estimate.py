@@ -4,6 +4,7 @@
     python3 bench/size_estimate.py --scales 0.5 3 5 --every 4       # nuclei half, 3 and 5 times as large
     python3 bench/size_estimate.py --noise 0.15                     # a ragged, speckled map
     python3 bench/size_estimate.py --checkpoint ckpt.pkl --data DIR # a trained network's own maps
+    python3 bench/size_estimate.py --checkpoint ckpt.pkl --data DIR --confidence 0  # faint pieces counted too
 
 For every image of a DSB2018-layout folder (default ../shared/data/dsb2018/stage1_train) the true
 median nucleus diameter is measured from its masks (`median_diameter`, the number training's
@@ -30,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dataset.io import list_samples, read_sample_cached  # noqa: E402
+from dataset import sizes  # noqa: E402
 from dataset.sizes import estimate_diameter, median_diameter  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "dsb2018" / "stage1_train"
@@ -96,7 +98,11 @@ def main(argv=None):
     parser.add_argument("--max-pixels", type=float, default=16e6,
                         help="skip an image whose rescaled copy has more pixels than this")
     parser.add_argument("--cache", default="out/bench/cache", help="decoded-sample cache folder")
+    parser.add_argument("--confidence", type=float, help="pieces of a lower mean probability are not counted "
+                        f"(dataset.sizes.MIN_CONFIDENCE, default {sizes.MIN_CONFIDENCE})")
     args = parser.parse_args(argv)
+    if args.confidence is not None:
+        sizes.MIN_CONFIDENCE = args.confidence
 
     samples = [s for s in list_samples(args.data) if s.mask_paths is not None][::args.every]
     estimates = network(args.checkpoint) if args.checkpoint else None

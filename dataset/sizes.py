@@ -13,7 +13,7 @@ far from the size it was trained on): the foreground (semantic > 0.5) is cut int
 necks of its distance transform, and a neck cuts only where the distance falls below
 `NECK_RATIO` of the lower of the two peaks it separates. The rule is relative, so a nucleus five
 times the usual size is cut exactly like a usual one, and two touching round nuclei are two. The
-median of the pieces' equivalent diameters, specks left out, is the estimate.
+median of the pieces' equivalent diameters, specks and faint pieces left out, is the estimate.
 """
 from __future__ import annotations
 
@@ -44,6 +44,12 @@ MIN_DIAMETER = 3.5
 SPECK_RATIO = 0.15
 # semantic probability above which a pixel is nucleus, for the estimate
 THRESHOLD = 0.5
+# nor are pieces whose mean probability is below this, when any piece reaches it: a network shown
+# an image type it never saw can answer its background texture with many faint nucleus-sized
+# pieces (mean probability 0.55 to 0.75), which outnumber the few sure nuclei (0.85 to 0.95) and
+# pulled the estimate to a third of the truth; prediction then enlarged the image fourfold and
+# found hundreds of "nuclei" in the texture (docs/results.md, "The size estimate on unseen stains")
+MIN_CONFIDENCE = 0.75
 
 
 def equivalent_diameters(labels: np.ndarray) -> np.ndarray:
@@ -97,10 +103,19 @@ def split_foreground(mask: np.ndarray) -> np.ndarray:
     return watershed(-dist, seeds, mask=mask).astype(np.int32)
 
 
-def estimate_diameter(semantic: np.ndarray, threshold: float = THRESHOLD) -> float | None:
+def estimate_diameter(semantic: np.ndarray, threshold: float = THRESHOLD,
+                      confidence: float | None = None) -> float | None:
     """Estimated median nucleus diameter (pixels) of a semantic probability map (H, W) in [0, 1],
-    or None when it shows no nucleus (no piece of MIN_DIAMETER or more)."""
-    pieces = split_foreground(np.asarray(semantic) > threshold)
+    or None when it shows no nucleus (no piece of MIN_DIAMETER or more). Pieces whose mean
+    probability is under `confidence` (default MIN_CONFIDENCE) are left out unless none reaches it."""
+    semantic = np.asarray(semantic)
+    pieces = split_foreground(semantic > threshold)
+    confidence = MIN_CONFIDENCE if confidence is None else confidence
+    if confidence > 0 and pieces.any():
+        ids = np.unique(pieces[pieces > 0])
+        sure = ids[ndimage.mean(semantic, pieces, index=ids) >= confidence]
+        if sure.size:
+            pieces = np.where(np.isin(pieces, sure), pieces, 0)
     diameters = np.sort(equivalent_diameters(pieces))
     diameters = diameters[diameters >= MIN_DIAMETER]
     if not diameters.size:

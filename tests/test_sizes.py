@@ -94,6 +94,20 @@ def test_no_nucleus_gives_no_estimate():
     assert estimate_diameter(speck) is None
 
 
+def test_faint_texture_does_not_outvote_a_few_sure_nuclei():
+    """An unseen stain's background can come out as many faint nucleus-like pieces; the estimate is
+    the size of the sure nuclei, not of the texture (which once made prediction enlarge 4x)."""
+    shape = (160, 320)
+    sure = disks([24] * 5, [(30, 30), (30, 80), (90, 30), (90, 80), (130, 55)], shape)
+    semantic = blurred(sure, sigma=1.0)
+    texture = disks([7] * 40, [(15 + 20 * (i // 8), 150 + 20 * (i % 8)) for i in range(40)], shape)
+    semantic = np.where(texture > 0, 0.62, semantic).astype(np.float32)
+    assert estimate_diameter(semantic, confidence=0.0) < 10  # the texture outvotes the nuclei
+    assert estimate_diameter(semantic) == pytest.approx(24, rel=0.1)
+    # a map where every piece is faint still gets an estimate
+    assert estimate_diameter(np.where(texture > 0, 0.62, 0).astype(np.float32)) == pytest.approx(7, rel=0.15)
+
+
 def test_an_elongated_nucleus_is_one_piece():
     yy, xx = np.mgrid[:120, :200]
     ellipse = ((yy - 60) / 20) ** 2 + ((xx - 100) / 70) ** 2 <= 1

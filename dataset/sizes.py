@@ -46,9 +46,9 @@ SPECK_RATIO = 0.15
 THRESHOLD = 0.5
 # nor are pieces whose mean probability is below this, when any piece reaches it: a network shown
 # an image type it never saw can answer its background texture with many faint nucleus-sized
-# pieces (mean probability 0.55 to 0.75), which outnumber the few sure nuclei (0.85 to 0.95) and
-# pulled the estimate to a third of the truth; prediction then enlarged the image fourfold and
-# found hundreds of "nuclei" in the texture (docs/results.md, "The size estimate on unseen stains")
+# pieces, which outnumber the few sure nuclei and pulled the estimate to a fraction of the truth;
+# prediction then enlarged the image fourfold and found hundreds of "nuclei" in the texture
+# (docs/results.md, "The size estimate on an unseen stain", measured with bench/size_estimate.py)
 MIN_CONFIDENCE = 0.75
 
 

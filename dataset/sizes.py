@@ -44,11 +44,11 @@ MIN_DIAMETER = 3.5
 SPECK_RATIO = 0.15
 # semantic probability above which a pixel is nucleus, for the estimate
 THRESHOLD = 0.5
-# pieces whose mean probability is below this are not counted either, when any piece reaches it: a
-# network shown an image type it never saw can answer its background texture with many faint
-# nucleus-sized pieces, which outnumber the few sure nuclei and pulled the estimate to a fraction of the truth;
-# prediction then enlarged the image fourfold and found hundreds of "nuclei" in the texture
-# (docs/results.md, "The size estimate on an unseen stain", measured with bench/size_estimate.py)
+# pieces whose mean probability is below this are not counted either, when any piece reaches it:
+# a network shown an image type it never saw can answer its background texture with many faint
+# nucleus-sized pieces, which outnumber the few sure nuclei and pulled the estimate to a fraction
+# of the truth; prediction then enlarged the image fourfold and found hundreds of "nuclei" in the
+# texture (docs/results.md, "The size estimate on an unseen stain": bench/size_estimate.py)
 MIN_CONFIDENCE = 0.75
 
 

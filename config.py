@@ -176,6 +176,7 @@ class PostConfig:
     fill_holes: bool
     seed_peaks: bool
     semantic_only: bool
+    min_confidence: float = _between(0, 1)
 
 
 SECTIONS: dict[str, type] = {

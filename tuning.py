@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 from atomic import atomic_path
 from config import Config, InputError, PostConfig, check_field  # the config files' own value checks
 from metrics import match
-from postprocess import postprocess
+from postprocess import drop_faint, postprocess
 
 TUNE_GRID = {"threshold": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9), "threshold_edge": (0.3, 0.5, 0.7),
-             "threshold_mark": (0.3, 0.5, 0.7), "seed_peaks": (False, True), "policy": ("ws", "rw")}
+             "threshold_mark": (0.3, 0.5, 0.7), "seed_peaks": (False, True), "policy": ("ws", "rw"),
+             "min_confidence": (0.0, 0.8, 0.85, 0.9)}
 
 
 def tuned_path(checkpoint: str | Path) -> Path:
@@ -46,12 +47,18 @@ def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = Fal
     """Best mean DSB score over `grid_for(heads, keep_policy)`; items are (probs, truth) pairs.
     Ties keep the first setting of the grid's order."""
     grid = grid_for(heads, keep_policy)
+    # min_confidence only drops finished instances: each other setting is post-processed once
+    others = {k: v for k, v in grid.items() if k != "min_confidence"}
+    confidences = grid.get("min_confidence", (base.min_confidence,))
     best, best_score = base, -1.0
-    for values in tqdm(list(itertools.product(*grid.values())), desc="tuning", leave=False):
-        post = dataclasses.replace(base, **dict(zip(grid, values)))
-        score = float(np.mean([match(truth, postprocess(probs, post)).dsb for probs, truth in items]))
-        if score > best_score:
-            best, best_score = post, score
+    for values in tqdm(list(itertools.product(*others.values())), desc="tuning", leave=False):
+        post = dataclasses.replace(base, **dict(zip(others, values)), min_confidence=0.0)
+        labels = [postprocess(probs, post) for probs, _ in items]
+        for confidence in confidences:
+            score = float(np.mean([match(truth, drop_faint(found, probs["semantic"], confidence)).dsb
+                                   for found, (probs, truth) in zip(labels, items)]))
+            if score > best_score:
+                best, best_score = dataclasses.replace(post, min_confidence=confidence), score
     return best, best_score
 
 

@@ -303,3 +303,16 @@ def test_no_torch_import():
     import sys
     code = "import sys, postprocess; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=pp.__file__.rsplit("/", 1)[0])
+
+
+def test_drop_faint_removes_only_faint_instances_and_renumbers():
+    from postprocess import drop_faint
+    labels = np.zeros((20, 30), np.int32)
+    labels[2:8, 2:8], labels[2:8, 12:18], labels[12:18, 22:28] = 1, 2, 3
+    semantic = np.where(labels > 0, 0.95, 0.0).astype(np.float32)
+    semantic[labels == 2] = 0.6
+    out = drop_faint(labels, semantic, 0.8)
+    assert out.dtype == np.int32 and np.unique(out).tolist() == [0, 1, 2]
+    assert (out[labels == 2] == 0).all() and (out[labels == 3] == 2).all()
+    assert drop_faint(labels, semantic, 0.0) is labels
+    assert (postprocess({"semantic": semantic}, PostSettings(min_confidence=0.8)) > 0).sum() == 72

@@ -3,15 +3,18 @@ import json
 
 import pytest
 
-from config import InputError
-from tuning import grid_for, read_tuned
+import numpy as np
+
+from config import InputError, load_config
+from tuning import grid_for, read_tuned, tune
 
 
 def test_the_grid_searches_only_what_the_heads_use():
-    assert set(grid_for({"semantic"})) == {"threshold", "policy"}
-    assert set(grid_for({"semantic", "contour"})) == {"threshold", "threshold_edge", "seed_peaks", "policy"}
+    assert set(grid_for({"semantic"})) == {"threshold", "policy", "min_confidence"}
+    assert set(grid_for({"semantic", "contour"})) == {"threshold", "threshold_edge", "seed_peaks", "policy",
+                                                      "min_confidence"}
     three = grid_for({"semantic", "contour", "marker"}, keep_policy=True)
-    assert set(three) == {"threshold", "threshold_edge", "threshold_mark", "seed_peaks"}
+    assert set(three) == {"threshold", "threshold_edge", "threshold_mark", "seed_peaks", "min_confidence"}
     assert three["seed_peaks"] == (False, True)
 
 
@@ -23,3 +26,22 @@ def test_a_tuned_bool_comes_back_a_bool_and_a_number_a_float(tmp_path):
         path.write_text(json.dumps(bad))
         with pytest.raises(InputError, match="is not a valid value"):
             read_tuned(path)
+
+
+def test_tuning_finds_the_confidence_that_drops_faint_texture():
+    """Sure nuclei plus faint blobs that are not nuclei: the search keeps the nuclei and drops the
+    blobs, and scores each setting as postprocess itself would label the image."""
+    from postprocess import postprocess
+    yy, xx = np.mgrid[:64, :96]
+    truth = np.zeros((64, 96), np.int32)
+    semantic = np.zeros((64, 96), np.float32)
+    for i, (y, x) in enumerate([(16, 16), (16, 48), (48, 16)], 1):
+        inside = (yy - y) ** 2 + (xx - x) ** 2 <= 36
+        truth[inside], semantic[inside] = i, 0.95
+    for y, x in [(48, 48), (16, 80), (48, 80)]:
+        semantic[(yy - y) ** 2 + (xx - x) ** 2 <= 25] = 0.7  # texture: above the threshold, faint
+    base = load_config(user_path=None).post
+    best, score = tune([({"semantic": semantic}, truth)], {"semantic"}, base, keep_policy=True)
+    assert best.min_confidence in (0.8, 0.85, 0.9) and score == 1.0
+    assert postprocess({"semantic": semantic}, best).max() == 3
+    assert postprocess({"semantic": semantic}, base).max() == 6  # default 0: every blob is kept

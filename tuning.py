@@ -26,7 +26,7 @@ from postprocess import drop_faint, postprocess
 
 TUNE_GRID = {"threshold": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9), "threshold_edge": (0.3, 0.5, 0.7),
              "threshold_mark": (0.3, 0.5, 0.7), "seed_peaks": (False, True), "policy": ("ws", "rw"),
-             "min_confidence": (0.0, 0.8, 0.85, 0.9)}
+             "min_confidence": (0.0, 0.8, 0.85, 0.9, 0.95)}
 
 
 def tuned_path(checkpoint: str | Path) -> Path:

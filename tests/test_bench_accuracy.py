@@ -49,7 +49,7 @@ def test_rows_for_a_run_and_an_ensemble_of_two(bench):
     train_ids, tune_ids = ({p.name for p in (data / part).iterdir()} for part in ("train", "tune"))
     assert len(tune_ids) == 2 and not train_ids & tune_ids and len(train_ids) == 5
     assert json.loads(first["tune_grid"])["threshold"] == [0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-    assert set(json.loads(first["tuned"])) == {"threshold", "policy"}
+    assert set(json.loads(first["tuned"])) == {"threshold", "policy", "min_confidence"}
     # the row names the machine it came from
     assert first["cpu"] and first["bf16_units"] and first["threads"] >= 1 and first["torch"].startswith("2.")
     run("--config", "camunet.ini", "--budget", "5")

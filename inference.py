@@ -235,8 +235,8 @@ def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int, t
     return diameter, factor
 
 
-def predict_normalised(model, image: torch.Tensor, valid: ValidConfig, width: int,
-                       target: float, factor: float | None = None) -> tuple[dict[str, torch.Tensor], float | None, float]:
+def predict_normalised(model, image: torch.Tensor, valid: ValidConfig, width: int, target: float,
+                       factor: float | None = None) -> tuple[dict[str, torch.Tensor], float | None, float]:
     """`predict_model` at the nucleus size `target` (pixels): the image is rescaled by the factor
     `estimate_scale` gives (or by `factor` when given, with no estimate), predicted with `valid`'s
     TTA, padding and tiles, and every map is resized back to the image's size. Returns (maps,

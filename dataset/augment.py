@@ -2,10 +2,11 @@
 
 Geometry (rescale + crop, a random loss of resolution, elastic distortion, flips, 90-degree
 rotations) runs in OpenCV/numpy on the image and the label map together; labels are always
-resampled with nearest neighbour, so an instance id is never interpolated into another. Colour changes run afterwards on the image alone,
-with torchvision's transforms, after the haematoxylin-eosin stain jitter of `[pre] stain_jitter`
-(colour images only). All randomness comes from a numpy Generator passed in, so a sample
-is reproducible from its seed whatever process draws it.
+resampled with nearest neighbour, so an instance id is never interpolated into another. Colour
+changes run afterwards on the image alone, with torchvision's transforms, after the
+haematoxylin-eosin stain jitter of `[pre] stain_jitter` (colour images only). All randomness comes
+from a numpy Generator passed in, so a sample is reproducible from its seed whatever process draws
+it.
 
 With `[pre] size_norm` each sample is first brought to a common nucleus size (`dataset/sizes.py`):
 the random rescale factor is multiplied by nucleus_diameter / the sample's median nucleus diameter.

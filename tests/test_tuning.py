@@ -1,9 +1,8 @@
 """What tuning searches per model, and how a tuned file's values come back."""
 import json
 
-import pytest
-
 import numpy as np
+import pytest
 
 from config import InputError, load_config
 from tuning import grid_for, read_tuned, tune

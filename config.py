@@ -164,6 +164,7 @@ class ValidConfig:
     tta_rotate: bool
     ensemble: str = _choices("mean", "vote")
     max_memory_mb: int = _at_least(0)
+    diameter_scale: float = _between(0.25, 4)
 
 
 @dataclass(frozen=True)

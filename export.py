@@ -233,8 +233,8 @@ def export_settings(path: Path, state: dict, cfg: Config, use_tuned: bool) -> di
                       f"network: the input must be prepared")
     if pre.size_norm:
         caller.append(f"[pre] size_norm: rescale the image so that its median nucleus is "
-                      f"{pre.nucleus_diameter:g} pixels across, predict, resize the maps back "
-                      f"(inference.predict_normalised)")
+                      f"{pre.nucleus_diameter * valid.diameter_scale:g} pixels across ([pre] nucleus_diameter "
+                      f"x [valid] diameter_scale), predict, resize the maps back (inference.predict_normalised)")
     if not valid.pred_orig_size:
         caller.append(f"[valid] pred_orig_size = False: resize the image to {pre.width}x{pre.width}, "
                       f"predict, resize the maps back")

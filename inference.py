@@ -12,8 +12,9 @@ network stride or tiles, test-time augmentation, and the average over members. `
 
 A member trained with `[pre] size_norm` sees every image at its training nucleus size: passes
 without TTA estimate the image's median nucleus diameter (`dataset.sizes.estimate_diameter` on the
-semantic map), the image is rescaled so that it becomes `[pre] nucleus_diameter`, predicted, and
-its maps are resized back to the image's own size, where post-processing runs.
+semantic map), the image is rescaled so that it becomes `[pre] nucleus_diameter` times `[valid]
+diameter_scale` (`prediction_diameter`), predicted, and its maps are resized back to the image's
+own size, where post-processing runs.
 """
 from __future__ import annotations
 
@@ -210,6 +211,14 @@ def resize_maps(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.reshape(*x.shape[:-2], *size)
 
 
+def prediction_diameter(pre: PreConfig, valid: ValidConfig) -> float:
+    """The median nucleus diameter in pixels that a size-normalised member predicts at: its training
+    diameter `[pre] nucleus_diameter` times `[valid] diameter_scale`. Training draws nuclei from half
+    to twice the training diameter (`[pre] rescale_min`, `rescale_max`), so a scale above 1 shows
+    the network nuclei it knows with more pixels across their borders, at more pixels to predict."""
+    return pre.nucleus_diameter * valid.diameter_scale
+
+
 def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int, target: float,
                    passes: int = SIZE_PASSES) -> tuple[float | None, float]:
     """(estimated median nucleus diameter in the image's own pixels, or None when no pass saw a
@@ -274,7 +283,7 @@ def predict_image(members: list, image: np.ndarray | torch.Tensor, valid: ValidC
     (so CAUNet and CAMUNet checkpoints combine); with `ensemble = vote` and two or more members each
     map is binarised at 0.5 first, giving the share of votes. `width`: the input side for
     `pred_orig_size = False` when a member has no `[pre]`. A member whose `[pre]` has `size_norm`
-    predicts the image rescaled to its `nucleus_diameter` (`predict_normalised`); `sizes`, when
+    predicts the image rescaled to its `prediction_diameter` (`predict_normalised`); `sizes`, when
     given, receives {member name: (estimated median diameter or None, rescale factor)} for them.
     """
     members = [_member(m) for m in members]
@@ -293,7 +302,7 @@ def predict_image(members: list, image: np.ndarray | torch.Tensor, valid: ValidC
         side = member.pre.width if member.pre is not None else (width or 256)
         if member.pre is not None and member.pre.size_norm:
             maps, diameter, factor = predict_normalised(member.model, prepared[key], valid, side,
-                                                        member.pre.nucleus_diameter)
+                                                        prediction_diameter(member.pre, valid))
             if sizes is not None:
                 sizes[member.name] = (diameter, factor)
         else:

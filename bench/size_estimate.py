@@ -61,7 +61,7 @@ def network(checkpoint: str):
     """A function image -> (first-pass estimate, all-passes estimate), from a checkpoint."""
     import torch
     from config import load_config, under_saved
-    from inference import Member, estimate_scale, member_input
+    from inference import Member, estimate_scale, member_input, prediction_diameter
     from model.checkpoint import load_model
 
     torch.set_grad_enabled(False)
@@ -71,8 +71,9 @@ def network(checkpoint: str):
 
     def estimates(image: np.ndarray) -> tuple[float | None, float | None]:
         x = member_input(member, image)
-        first = estimate_scale(model, x, cfg.valid, cfg.pre.width, cfg.pre.nucleus_diameter, passes=1)[0]
-        return first, estimate_scale(model, x, cfg.valid, cfg.pre.width, cfg.pre.nucleus_diameter)[0]
+        target = prediction_diameter(cfg.pre, cfg.valid)
+        first = estimate_scale(model, x, cfg.valid, cfg.pre.width, target, passes=1)[0]
+        return first, estimate_scale(model, x, cfg.valid, cfg.pre.width, target)[0]
     return estimates
 
 

@@ -73,7 +73,7 @@ def true_scale_scores(run: Path, name: str) -> tuple[float, float]:
     import torch
     from config import load_config
     from dataset.sizes import median_diameter, size_factor
-    from inference import estimate_scale, member_input, predict_normalised
+    from inference import estimate_scale, member_input, predict_normalised, prediction_diameter
     from model.checkpoint import latest_checkpoint
     from postprocess import postprocess
     from tuning import resolve_post
@@ -82,7 +82,7 @@ def true_scale_scores(run: Path, name: str) -> tuple[float, float]:
     members, cfg = load_members([checkpoint], load_config(run / "settings.ini"), torch.device("cpu"), False)
     member = members[0]
     post, _ = resolve_post(cfg, checkpoint, True)
-    target = member.pre.nucleus_diameter
+    target = prediction_diameter(member.pre, cfg.valid)
     scores, within = [], []
     with torch.no_grad():
         for files in list_samples(run / "data" / name):

@@ -119,13 +119,15 @@ def padded(n, stride=16):
     return n + -n % stride
 
 
-@pytest.mark.parametrize("diameter, factor", [(40, 0.5), (10, 2.0)])
-def test_size_norm_predicts_at_the_target_size_and_returns_maps_at_the_image_size(cfg, diameter, factor):
+@pytest.mark.parametrize("diameter, scale, factor", [(40, 1.0, 0.5), (10, 1.0, 2.0), (40, 1.5, 0.75)])
+def test_size_norm_predicts_at_the_target_size_and_returns_maps_at_the_image_size(cfg, diameter, scale, factor):
+    # the target is [pre] nucleus_diameter x [valid] diameter_scale: 20 or 30 pixels here
     shape = (200, 240)
     image = bright_disks(diameter, shape)
     pre = cfg.replace("pre", size_norm=True, nucleus_diameter=20).pre
+    valid = cfg.replace("valid", diameter_scale=scale).valid
     model, sizes = Recording(), {}
-    out = predict_image([Member(model, pre, "sized")], image, cfg.valid, sizes=sizes)
+    out = predict_image([Member(model, pre, "sized")], image, valid, sizes=sizes)
     estimated, used = sizes["sized"]
     assert estimated == pytest.approx(diameter, rel=0.06) and used == pytest.approx(factor, rel=0.06)
     # estimation passes without TTA (batch of one), then the four flip views at the rescaled size

@@ -44,22 +44,54 @@ def grid_for(heads: set[str], keep_policy: bool = False) -> dict[str, tuple]:
 
 
 def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = False) -> tuple[PostConfig, float]:
-    """Best mean DSB score over `grid_for(heads, keep_policy)`; items are (probs, truth) pairs.
-    Ties keep the first setting of the grid's order."""
+    """The setting of `grid_for(heads, keep_policy)` that `select` picks from the per-image DSB
+    scores on `items`, (probs, truth) pairs, and its mean DSB score."""
     grid = grid_for(heads, keep_policy)
     # min_confidence only drops finished instances: each other setting is post-processed once
     others = {k: v for k, v in grid.items() if k != "min_confidence"}
     confidences = grid.get("min_confidence", (base.min_confidence,))
-    best, best_score = base, -1.0
+    settings, scores = [], []
     for values in tqdm(list(itertools.product(*others.values())), desc="tuning", leave=False):
         post = dataclasses.replace(base, **dict(zip(others, values)), min_confidence=0.0)
         labels = [postprocess(probs, post) for probs, _ in items]
         for confidence in confidences:
-            score = float(np.mean([match(truth, drop_faint(found, probs["semantic"], confidence)).dsb
-                                   for found, (probs, truth) in zip(labels, items)]))
-            if score > best_score:
-                best, best_score = dataclasses.replace(post, min_confidence=confidence), score
-    return best, best_score
+            settings.append(dataclasses.replace(post, min_confidence=confidence))
+            scores.append([match(truth, drop_faint(found, probs["semantic"], confidence)).dsb
+                           for found, (probs, truth) in zip(labels, items)])
+    pick = select(np.asarray(scores, np.float64), [change(s, base, grid) for s in settings])
+    return settings[pick], float(np.mean(scores[pick]))
+
+
+def change(post: PostConfig, base: PostConfig, grid: dict[str, tuple]) -> float:
+    """How far `post` moves from `base` over the searched keys: each number's distance as a share
+    of its grid's span, 1 for each other value (policy, seed_peaks) that differs."""
+    total = 0.0
+    for key, values in grid.items():
+        new, old = getattr(post, key), getattr(base, key)
+        if isinstance(new, (bool, str)):
+            total += float(new != old)
+        else:
+            span = max(values) - min(values)
+            total += abs(new - old) / span if span else 0.0
+    return total
+
+
+def select(scores: np.ndarray, changes: list[float]) -> int:
+    """The index of the setting to keep, from per-image scores (settings, images): the one-standard-
+    error rule. The best mean wins on a handful of tune images partly by the luck of those images,
+    and its neighbour in the grid is often a cliff (a high min_confidence with a high threshold
+    drops true nuclei on other images). So every setting whose mean is below the best's by no more
+    than one standard error of their per-image differences is as good as the best, and of those the
+    one that changes the starting settings least (`change`) is kept; ties go to the higher mean,
+    then to the grid's order. With one image there is no error to allow: the best mean is kept
+    (the nearest among equal bests)."""
+    means = scores.mean(axis=1)
+    best = int(np.argmax(means))
+    diffs = scores[best][None, :] - scores
+    n = scores.shape[1]
+    errors = diffs.std(axis=1, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(len(scores))
+    close = np.flatnonzero(diffs.mean(axis=1) <= errors + 1e-12)
+    return int(min(close, key=lambda i: (changes[i], -means[i], i)))
 
 
 def write_tuned(path: Path, post: PostConfig, score: float, grid: dict[str, tuple], **about) -> dict:

@@ -36,11 +36,34 @@ def test_tuning_finds_the_confidence_that_drops_faint_texture():
     semantic = np.zeros((64, 96), np.float32)
     for i, (y, x) in enumerate([(16, 16), (16, 48), (48, 16)], 1):
         inside = (yy - y) ** 2 + (xx - x) ** 2 <= 36
-        truth[inside], semantic[inside] = i, 0.95
+        truth[inside], semantic[inside] = i, 0.99
     for y, x in [(48, 48), (16, 80), (48, 80)]:
-        semantic[(yy - y) ** 2 + (xx - x) ** 2 <= 25] = 0.7  # texture: above the threshold, faint
+        semantic[(yy - y) ** 2 + (xx - x) ** 2 <= 25] = 0.93  # texture: above every threshold, fainter
     base = load_config(user_path=None).post
     best, score = tune([({"semantic": semantic}, truth)], {"semantic"}, base, keep_policy=True)
-    assert best.min_confidence in (0.8, 0.85, 0.9) and score == 1.0
+    assert best.min_confidence == 0.95 and score == 1.0
     assert postprocess({"semantic": semantic}, best).max() == 3
     assert postprocess({"semantic": semantic}, base).max() == 6  # default 0: every blob is kept
+
+
+def test_a_lead_within_the_images_noise_gives_way_to_the_smaller_change():
+    from tuning import select
+    rng = np.random.default_rng(0)
+    plain = rng.uniform(0.4, 0.7, 40)
+    lucky = plain + 0.004 + np.resize([0.05, -0.05], 40)  # ahead by 0.004, its noise 0.05 an image
+    assert lucky.mean() > plain.mean()
+    assert select(np.stack([plain, lucky]), [0.0, 1.0]) == 0
+    # a lead on every image is no luck: it is kept, however far it moves
+    better = plain + 0.03
+    assert select(np.stack([plain, better]), [0.0, 1.0]) == 1
+    # with one image there is no noise to allow for: the best mean wins
+    assert select(np.array([[0.5], [0.51]]), [0.0, 1.0]) == 1
+
+
+def test_the_change_counts_numbers_by_their_grid_span_and_other_values_as_one():
+    from tuning import change
+    base = load_config(user_path=None).post  # threshold 0.5, min_confidence 0, policy ws
+    grid = {"threshold": (0.4, 0.9), "min_confidence": (0.0, 0.95), "policy": ("ws", "rw")}
+    moved = base.__class__(**{**base.__dict__, "threshold": 0.7, "min_confidence": 0.95, "policy": "rw"})
+    assert change(base, base, grid) == 0
+    assert change(moved, base, grid) == pytest.approx(0.2 / 0.5 + 1 + 1)

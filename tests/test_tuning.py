@@ -1,4 +1,5 @@
 """What tuning searches per model, and how a tuned file's values come back."""
+import dataclasses
 import json
 
 import numpy as np
@@ -64,6 +65,6 @@ def test_the_change_counts_numbers_by_their_grid_span_and_other_values_as_one():
     from tuning import change
     base = load_config(user_path=None).post  # threshold 0.5, min_confidence 0, policy ws
     grid = {"threshold": (0.4, 0.9), "min_confidence": (0.0, 0.95), "policy": ("ws", "rw")}
-    moved = base.__class__(**{**base.__dict__, "threshold": 0.7, "min_confidence": 0.95, "policy": "rw"})
+    moved = dataclasses.replace(base, threshold=0.7, min_confidence=0.95, policy="rw")
     assert change(base, base, grid) == 0
     assert change(moved, base, grid) == pytest.approx(0.2 / 0.5 + 1 + 1)

@@ -7,12 +7,17 @@
 #
 #   bash bench/gpu_heads.sh DATA [RESULTS]        # DATA: a DSB2018-layout folder
 #   BUDGET=0.3 WORKERS=0 PYTHON=.venv/bin/python bash bench/gpu_heads.sh sample/stage1_train  # a dry run
+#   MODELS="unet camunet camunet_hw" BUDGET=4 WORKERS=5 bash bench/gpu_heads.sh DATA   # longer, balanced heads
+# MODELS picks from unet, caunet, camunet and camunet_hw (CAMUNet with configs/ablation/head_weights.ini);
+# each row is named v5_<model>_gpu, or v5_<model>_gpu<BUDGET> when BUDGET is not the default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/dsb2018/stage1_train}
 RESULTS=${2:-out/bench/rows_gpu_heads.csv}
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-2.5}
+MODELS=${MODELS:-unet caunet camunet}
+SUFFIX=gpu; [ "$BUDGET" = 2.5 ] || SUFFIX=gpu$BUDGET
 WORKERS=${WORKERS:-4}   # loader workers per run; three runs share the machine's cores
 WORK=out/gpu_heads
 mkdir -p "$WORK"
@@ -24,16 +29,20 @@ n_worker = $WORKERS
 n_cv_epoch = 1000
 n_ckpt_epoch = 1000
 EOF
-for model in unet caunet camunet; do
-    extra=()
-    [ "$model" = unet ] || extra=(--config "configs/ablation/$model.ini")
+for model in $MODELS; do
+    case $model in
+        unet) extra=() ;;
+        caunet|camunet) extra=(--config "configs/ablation/$model.ini") ;;
+        camunet_hw) extra=(--config configs/ablation/camunet.ini --config configs/ablation/head_weights.ini) ;;
+        *) echo "gpu_heads.sh: MODELS: unknown model '$model' (unet, caunet, camunet, camunet_hw)" >&2; exit 2 ;;
+    esac
     "$PY" bench/accuracy.py --config configs/cpu_recipe_v5.ini "${extra[@]}" --config "$WORK/gpu.ini" \
-        --budget "$BUDGET" --data "$DATA" --work "$WORK" --name "v5_${model}_gpu" --valid-args=--keep-policy \
+        --budget "$BUDGET" --data "$DATA" --work "$WORK" --name "v5_${model}_$SUFFIX" --valid-args=--keep-policy \
         --results "$RESULTS.$model" > "$WORK/$model.log" 2>&1 &
 done
 status=0
 for job in $(jobs -p); do wait "$job" || status=1; done
-for model in unet caunet camunet; do
+for model in $MODELS; do
     echo "== $model"
     grep -E "^(Precision|Training finished|Throughput|Wall-clock)|^name " "$WORK/$model.log" || tail -5 "$WORK/$model.log"
 done

@@ -12,8 +12,10 @@ grid that was searched, and the images used. Its values are checked like any con
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -43,23 +45,46 @@ def grid_for(heads: set[str], keep_policy: bool = False) -> dict[str, tuple]:
             and (k != "threshold_mark" or "marker" in heads) and (k != "policy" or not keep_policy)}
 
 
-def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = False) -> tuple[PostConfig, float]:
+def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = False,
+         workers: int = 1) -> tuple[PostConfig, float]:
     """The setting of `grid_for(heads, keep_policy)` that `select` picks from the per-image DSB
-    scores on `items`, (probs, truth) pairs, and its mean DSB score."""
+    scores on `items`, (probs, truth) pairs, and its mean DSB score. `workers` > 1 post-processes
+    the grid's settings in that many forked processes (where the platform forks; the result is the
+    same as with one)."""
     grid = grid_for(heads, keep_policy)
     # min_confidence only drops finished instances: each other setting is post-processed once
     others = {k: v for k, v in grid.items() if k != "min_confidence"}
     confidences = grid.get("min_confidence", (base.min_confidence,))
-    settings, scores = [], []
-    for values in tqdm(list(itertools.product(*others.values())), desc="tuning", leave=False):
-        post = dataclasses.replace(base, **dict(zip(others, values)), min_confidence=0.0)
-        labels = [postprocess(probs, post) for probs, _ in items]
-        for confidence in confidences:
-            settings.append(dataclasses.replace(post, min_confidence=confidence))
-            scores.append([match(truth, drop_faint(found, probs["semantic"], confidence)).dsb
-                           for found, (probs, truth) in zip(labels, items)])
+    posts = [dataclasses.replace(base, **dict(zip(others, values)), min_confidence=0.0)
+             for values in itertools.product(*others.values())]
+    work = functools.partial(_score_setting, items=items, confidences=confidences)
+    workers = min(workers, len(posts))
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        # forked workers inherit `items`: only each setting and its scores cross between processes
+        global _ITEMS
+        _ITEMS, work = items, functools.partial(_score_setting, confidences=confidences)
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                found = list(tqdm(pool.imap(work, posts), total=len(posts), desc="tuning", leave=False))
+        finally:
+            _ITEMS = None
+    else:
+        found = [work(post) for post in tqdm(posts, desc="tuning", leave=False)]
+    settings = [dataclasses.replace(post, min_confidence=c) for post in posts for c in confidences]
+    scores = [row for rows in found for row in rows]
     pick = select(np.asarray(scores, np.float64), [change(s, base, grid) for s in settings])
     return settings[pick], float(np.mean(scores[pick]))
+
+
+_ITEMS = None  # the (probs, truth) pairs that forked tuning workers share
+
+
+def _score_setting(post: PostConfig, confidences: tuple, items: list | None = None) -> list[list[float]]:
+    """Per-image DSB scores of one post-processing setting, one row per `min_confidence`."""
+    items = _ITEMS if items is None else items
+    labels = [postprocess(probs, post) for probs, _ in items]
+    return [[match(truth, drop_faint(found, probs["semantic"], confidence)).dsb
+             for found, (probs, truth) in zip(labels, items)] for confidence in confidences]
 
 
 def change(post: PostConfig, base: PostConfig, grid: dict[str, tuple]) -> float:

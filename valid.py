@@ -32,6 +32,7 @@ process writes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -86,13 +87,22 @@ def parse_args(argv):
     parser.add_argument("--scores", metavar="PATH", help="write the per-image score table as CSV")
     parser.add_argument("--tune", action="store_true", help="grid-search [post] on this labelled set and save it")
     parser.add_argument("--keep-policy", action="store_true", help="--tune only the thresholds, keep [post] policy")
+    parser.add_argument("--tune-workers", type=int, default=usable_cpus(), metavar="N",
+                        help="processes that post-process the --tune grid (default: the CPUs this process may use)")
     parser.add_argument("--no-tuned", dest="tuned", action="store_false", help="ignore saved tuned thresholds")
     parser.add_argument("--override-pre", action="store_true",
                         help="use explicit [pre] settings even where they contradict a checkpoint's")
     parser.add_argument("--config", help="extra settings file, read after config.ini")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.tune_workers < 1:
+        parser.error(f"--tune-workers: {args.tune_workers}: give 1 or more")
     return reclaim_checkpoints(args, argv)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the platform tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def looks_like_checkpoint(path: str) -> bool:
@@ -394,7 +404,7 @@ def validate(args, world: World):
     if args.tune:
         kept = [record["kept"] for record in records]
         grid = grid_for(heads, args.keep_policy)
-        best, score = tune(kept, heads, post, args.keep_policy)
+        best, score = tune(kept, heads, post, args.keep_policy, workers=args.tune_workers)
         record = write_tuned(tuned_path(paths[0]), best, score, grid, dataset=args.dataset, n_images=len(kept),
                              checkpoints=[p.name for p in paths])
         print(f"Best mean DSB score {score:.4f} with " + ", ".join(f"{k} = {record[k]}" for k in grid)

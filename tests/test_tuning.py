@@ -68,3 +68,25 @@ def test_the_change_counts_numbers_by_their_grid_span_and_other_values_as_one():
     moved = dataclasses.replace(base, threshold=0.7, min_confidence=0.95, policy="rw")
     assert change(base, base, grid) == 0
     assert change(moved, base, grid) == pytest.approx(0.2 / 0.5 + 1 + 1)
+
+
+def test_tuning_in_worker_processes_picks_what_one_process_picks():
+    """`valid.py --tune-workers`: the grid post-processed in forked workers gives the same setting
+    and score as in one process (several images, semantic and contour heads)."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:48, :48]
+    items = []
+    for _ in range(3):
+        truth = np.zeros((48, 48), np.int32)
+        semantic = rng.uniform(0, 0.3, (48, 48)).astype(np.float32)
+        contour = np.zeros((48, 48), np.float32)
+        for i, (y, x) in enumerate(rng.integers(8, 40, (3, 2)), 1):
+            disk = (yy - y) ** 2 + (xx - x) ** 2 <= 25
+            truth[disk & (truth == 0)] = i
+            semantic[disk] = rng.uniform(0.6, 1.0)
+            contour[disk & ((yy - y) ** 2 + (xx - x) ** 2 >= 12)] = rng.uniform(0.2, 0.9)
+        items.append(({"semantic": semantic, "contour": contour}, truth))
+    base = load_config(user_path=None).post
+    one = tune(items, {"semantic", "contour"}, base, keep_policy=True)
+    two = tune(items, {"semantic", "contour"}, base, keep_policy=True, workers=2)
+    assert one == two and 0 < one[1] <= 1

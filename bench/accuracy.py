@@ -254,6 +254,7 @@ def one_row(args, samples, family: str | None, families: dict[str, str]) -> dict
     from engine import cpu_bf16_units, cpu_model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     epochs = 0
+    budget = 0 if args.classical else args.budget  # a --from-run row: the source run's (below)
     start = time.perf_counter()
     tuned, grid = {}, {}
     if args.classical:
@@ -283,7 +284,10 @@ def one_row(args, samples, family: str | None, families: dict[str, str]) -> dict
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(source.resolve())
                 ckpts.append(str(link))
-            epochs = read_checkpoint(ckpts[0])["epoch"]
+            first = read_checkpoint(ckpts[0])
+            epochs = first["epoch"]
+            budget_s = (first.get("run") or {}).get("budget_s")
+            budget = budget_s / 60 if budget_s else ""  # "" where the source run had no budget
         else:
             # [train] n_epoch of the config, stopped early if the budget runs out
             train.main(["--no-resume", "--budget", str(args.budget), "--config", str(settings), "--quiet"])
@@ -308,7 +312,7 @@ def one_row(args, samples, family: str | None, families: dict[str, str]) -> dict
         grid = record["grid"]
     per_image["type"] = per_image["image_id"].map(types)
     config = " + ".join([f"run {run}" for run in args.from_run] + args.config) or "-"
-    row = {"name": name, "config": config, "budget_min": 0 if args.classical else args.budget,
+    row = {"name": name, "config": config, "budget_min": budget,
            "machine": f"{os.cpu_count()} cores, {device}, {platform.machine()}"
                       + (f", {torch.cuda.get_device_name(0)}" if device == "cuda" else ""), "cpu": cpu_model(),
            "bf16_units": " ".join(k for k, v in cpu_bf16_units().items() if v) or "none",

@@ -59,6 +59,7 @@ def test_rows_for_a_run_and_an_ensemble_of_two(bench):
     table = pd.read_csv("results.csv")
     assert list(table["name"]) == ["unet", "camunet", "both"]
     assert table["config"].iloc[2] == "run unet + run camunet"
+    assert list(table["budget_min"]) == [5, 5, 5]  # a rescored row gives its source run's budget
     assert 0 <= ensemble["dsb"] <= 1 and ensemble["n_valid"] == 1
     # the ensemble row is tuned and scored in its own folder; the runs it reads are left as they were
     assert sorted(p.name for p in (bench / "work" / "unet" / "checkpoint").iterdir()) == source_files

@@ -16,6 +16,7 @@ import functools
 import itertools
 import json
 import multiprocessing
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,8 @@ def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = Fal
          workers: int = 1) -> tuple[PostConfig, float]:
     """The setting of `grid_for(heads, keep_policy)` that `select` picks from the per-image DSB
     scores on `items`, (probs, truth) pairs, and its mean DSB score. `workers` > 1 post-processes
-    the grid's settings in that many forked processes (where the platform forks; the result is the
-    same as with one)."""
+    the grid's settings in that many forked processes on Linux (elsewhere one process does it all;
+    the result is the same either way)."""
     grid = grid_for(heads, keep_policy)
     # min_confidence only drops finished instances: each other setting is post-processed once
     others = {k: v for k, v in grid.items() if k != "min_confidence"}
@@ -59,7 +60,7 @@ def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = Fal
              for values in itertools.product(*others.values())]
     work = functools.partial(_score_setting, items=items, confidences=confidences)
     workers = min(workers, len(posts))
-    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+    if workers > 1 and sys.platform.startswith("linux"):  # fork is safe there, not on macOS
         # forked workers inherit `items`: only each setting and its scores cross between processes
         global _ITEMS
         _ITEMS, work = items, functools.partial(_score_setting, confidences=confidences)

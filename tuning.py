@@ -58,19 +58,17 @@ def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = Fal
     confidences = grid.get("min_confidence", (base.min_confidence,))
     posts = [dataclasses.replace(base, **dict(zip(others, values)), min_confidence=0.0)
              for values in itertools.product(*others.values())]
-    work = functools.partial(_score_setting, items=items, confidences=confidences)
-    workers = min(workers, len(posts))
-    if workers > 1 and sys.platform.startswith("linux"):  # fork is safe there, not on macOS
-        # forked workers inherit `items`: only each setting and its scores cross between processes
-        global _ITEMS
-        _ITEMS, work = items, functools.partial(_score_setting, confidences=confidences)
-        try:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
+    # forked workers inherit `items` through _ITEMS: only each setting and its scores cross processes
+    global _ITEMS
+    _ITEMS, work = items, functools.partial(_score_setting, confidences=confidences)
+    try:
+        if min(workers, len(posts)) > 1 and sys.platform.startswith("linux"):  # fork: safe there, not on macOS
+            with multiprocessing.get_context("fork").Pool(min(workers, len(posts))) as pool:
                 found = list(tqdm(pool.imap(work, posts), total=len(posts), desc="tuning", leave=False))
-        finally:
-            _ITEMS = None
-    else:
-        found = [work(post) for post in tqdm(posts, desc="tuning", leave=False)]
+        else:
+            found = [work(post) for post in tqdm(posts, desc="tuning", leave=False)]
+    finally:
+        _ITEMS = None
     settings = [dataclasses.replace(post, min_confidence=c) for post in posts for c in confidences]
     scores = [row for rows in found for row in rows]
     pick = select(np.asarray(scores, np.float64), [change(s, base, grid) for s in settings])
@@ -80,9 +78,9 @@ def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = Fal
 _ITEMS = None  # the (probs, truth) pairs that forked tuning workers share
 
 
-def _score_setting(post: PostConfig, confidences: tuple, items: list | None = None) -> list[list[float]]:
-    """Per-image DSB scores of one post-processing setting, one row per `min_confidence`."""
-    items = _ITEMS if items is None else items
+def _score_setting(post: PostConfig, confidences: tuple) -> list[list[float]]:
+    """Per-image DSB scores of one post-processing setting on `_ITEMS`, one row per `min_confidence`."""
+    items = _ITEMS
     labels = [postprocess(probs, post) for probs, _ in items]
     return [[match(truth, drop_faint(found, probs["semantic"], confidence)).dsb
              for found, (probs, truth) in zip(labels, items)] for confidence in confidences]

@@ -126,7 +126,7 @@ class PreConfig:
     color_invert: bool
     stretch: bool
     clahe: bool
-    stain_norm: str = _choices("off", "hematoxylin")
+    stain_norm: str = _choices("off", "hematoxylin", "inverted_grey")
     invert_bright: bool
     stain_jitter: float = _between(0, 1)
     resolution_jitter: float = _between(0, 1)
@@ -354,9 +354,9 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
     if len(cfg.loss.head_weights) != 3:
         raise ConfigError(f"{raw['loss']['head_weights'][1]}: [loss] head_weights needs 3 numbers "
                           f"(semantic, contour, marker), got {len(cfg.loss.head_weights)}")
-    if cfg.pre.stain_jitter > 0 and cfg.pre.stain_norm == "hematoxylin":
+    if cfg.pre.stain_jitter > 0 and cfg.pre.stain_norm != "off":
         raise ConfigError(f"{raw['pre']['stain_jitter'][1]}: [pre] stain_jitter does nothing with stain_norm = "
-                          f"hematoxylin (set in {raw['pre']['stain_norm'][1]}): the view turns colour images grey "
+                          f"{cfg.pre.stain_norm} (set in {raw['pre']['stain_norm'][1]}): the view turns colour images grey "
                           f"before the jitter; set one of them")
     if cfg.train.balance_group and cfg.train.balance_family:
         raise ConfigError(f"{raw['train']['balance_family'][1]}: [train] balance_family and balance_group "

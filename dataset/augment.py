@@ -82,16 +82,30 @@ def hed_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -> 
     return hed_to_rgb(rgb_to_hed(image) * scale + shift)
 
 
+def _grey_view(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """A float (H, W) map as a grey RGB uint8 image, its `low`..`high` percentiles mapped to 0..255."""
+    lo, hi = np.percentile(values, (low, high))
+    grey = np.clip((values - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255)
+    return np.repeat(np.round(grey).astype(np.uint8)[..., None], 3, axis=2)
+
+
 def haematoxylin_view(image: np.ndarray, low: float = 0.5, high: float = 99.9) -> np.ndarray:
     """A colour image's haematoxylin concentration as a grey RGB uint8 image (nuclei bright on dark,
     like fluorescence), its `low`..`high` percentiles mapped to 0..255. Grey images
     (`dataset.families.is_colour`) are returned unchanged."""
     if not is_colour(image):
         return image
-    haematoxylin = rgb_to_hed(image)[..., 0]
-    lo, hi = np.percentile(haematoxylin, (low, high))
-    grey = np.clip((haematoxylin - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255)
-    return np.repeat(np.round(grey).astype(np.uint8)[..., None], 3, axis=2)
+    return _grey_view(rgb_to_hed(image)[..., 0], low, high)
+
+
+def inverted_grey_view(image: np.ndarray, low: float = 0.5, high: float = 99.9) -> np.ndarray:
+    """A colour image's luminance (OpenCV's grey), inverted, as a grey RGB uint8 image, its
+    `low`..`high` percentiles mapped to 0..255: nuclei that absorb more light than their
+    surroundings come out bright on dark whatever the stain's colour, where the haematoxylin view
+    assumes one stain's colour. Grey images (`dataset.families.is_colour`) are returned unchanged."""
+    if not is_colour(image):
+        return image
+    return _grey_view(255.0 - cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32), low, high)
 
 
 def invert_if_bright(image: np.ndarray, median: float = BRIGHT_MEDIAN) -> np.ndarray:
@@ -126,6 +140,8 @@ def prepare_image(image: np.ndarray, pre: PreConfig) -> np.ndarray:
     `[pre] stain_norm`, `invert_bright`, `stretch` then `clahe`. RGB uint8 (H, W, 3) in and out."""
     if pre.stain_norm == "hematoxylin":
         image = haematoxylin_view(image)
+    elif pre.stain_norm == "inverted_grey":
+        image = inverted_grey_view(image)
     if pre.invert_bright:
         image = invert_if_bright(image)
     if pre.stretch:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from config import ConfigError, load_config
-from dataset.augment import (Augmenter, haematoxylin_view, hed_jitter, hed_to_rgb, invert_if_bright, prepare_image,
-                             prepare_key, rgb_to_hed, to_tensor_image)
+from dataset.augment import (Augmenter, haematoxylin_view, hed_jitter, hed_to_rgb, invert_if_bright,
+                             inverted_grey_view, prepare_image, prepare_key, rgb_to_hed, to_tensor_image)
 from dataset.io import list_samples, read_image
 from tests.conftest import SAMPLE, disk, make_sample
 
@@ -52,15 +52,28 @@ def test_hed_jitter_keeps_shape_dtype_and_range_and_is_identity_at_zero():
     assert rng_a.random() == rng_b.random()
 
 
-def test_haematoxylin_view_makes_nuclei_bright_on_dark_and_leaves_grey_images():
+@pytest.mark.parametrize("view", [haematoxylin_view, inverted_grey_view])
+def test_stain_views_make_nuclei_bright_on_dark_and_leave_grey_images(view):
     image = stained()
-    view = haematoxylin_view(image)
-    assert view.shape == image.shape and view.dtype == np.uint8
-    assert (view[..., 0] == view[..., 1]).all() and (view[..., 1] == view[..., 2]).all()
+    out = view(image)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
     nuclei = disk(image.shape[:2], (30, 34), 5)
-    assert view[..., 0][nuclei].mean() > view[..., 0][~disk(image.shape[:2], (30, 34), 8)].mean() + 100
+    assert out[..., 0][nuclei].mean() > out[..., 0][~disk(image.shape[:2], (30, 34), 8)].mean() + 100
     g = grey()
-    assert haematoxylin_view(g) is g
+    assert view(g) is g
+
+
+def test_inverted_grey_view_needs_no_haematoxylin_colour():
+    # brown (DAB-like) nuclei on white: less haematoxylin than the background, but darker than it
+    brown = stained(background=(245, 245, 245))
+    for centre in ((12, 12), (30, 34), (36, 10)):
+        brown[disk(brown.shape[:2], centre, 6)] = (180, 100, 30)
+    nuclei, background = disk(brown.shape[:2], (30, 34), 5), ~disk(brown.shape[:2], (30, 34), 8)
+    out = inverted_grey_view(brown)[..., 0].astype(int)
+    assert out[nuclei].mean() > out[background].mean() + 150
+    haematoxylin = haematoxylin_view(brown)[..., 0].astype(int)
+    assert haematoxylin[nuclei].mean() < haematoxylin[background].mean()
 
 
 def test_invert_if_bright_inverts_brightfield_only():
@@ -81,10 +94,12 @@ def test_prepare_key_tells_the_stain_settings_apart():
     a = pre_cfg(stretch=True).pre
     assert prepare_key(a) != prepare_key(pre_cfg(stretch=True, stain_norm="hematoxylin").pre)
     assert prepare_key(a) != prepare_key(pre_cfg(stretch=True, invert_bright=True).pre)
+    assert prepare_key(pre_cfg(stain_norm="inverted_grey").pre) != prepare_key(pre_cfg(stain_norm="hematoxylin").pre)
     assert prepare_key(a) == prepare_key(pre_cfg(stretch=True, stain_jitter=0.2).pre)  # jitter: training only
 
 
-@pytest.mark.parametrize("stain_norm, invert", [("hematoxylin", False), ("hematoxylin", True), ("off", True)])
+@pytest.mark.parametrize("stain_norm, invert", [("hematoxylin", False), ("hematoxylin", True), ("off", True),
+                                               ("inverted_grey", False)])
 def test_normalisation_is_the_same_in_training_and_prediction(tmp_path, stain_norm, invert):
     from dataset.torch_data import NucleiDataset
     from inference import Member, member_input
@@ -111,7 +126,7 @@ def test_normalisation_is_the_same_in_training_and_prediction(tmp_path, stain_no
         changed = not torch.equal(predicted, to_tensor_image(prepare_image(image, cfg.replace(
             "pre", stain_norm="off", invert_bright=False).pre)))
         is_colour = sample.id == colour.id
-        assert changed == ((is_colour and stain_norm == "hematoxylin") or (not is_colour and invert))
+        assert changed == ((is_colour and stain_norm != "off") or (not is_colour and invert))
 
 
 def test_training_jitters_colour_images_only_when_asked():
@@ -129,6 +144,7 @@ def test_stain_settings_are_checked(tmp_path):
     for text, match in (("[pre]\nstain_norm = macenko\n", "stain_norm"), ("[pre]\nstain_jitter = 1.5\n", "stain_jitter"),
                         ("[pre]\nresolution_jitter = -0.1\n", "resolution_jitter"),
                         ("[pre]\nstain_norm = hematoxylin\nstain_jitter = 0.1\n", "stain_jitter does nothing"),
+                        ("[pre]\nstain_norm = inverted_grey\nstain_jitter = 0.1\n", "inverted_grey"),
                         ("[train]\nbalance_group = True\nbalance_family = True\n", "balance_family")):
         path = tmp_path / "bad.ini"
         path.write_text(text)

@@ -150,3 +150,19 @@ def test_stain_settings_are_checked(tmp_path):
         path.write_text(text)
         with pytest.raises(ConfigError, match=match):
             load_config(path, user_path=None)
+
+
+def test_view_contrast_bench_measures_each_view_on_the_named_family(tmp_path, capsys):
+    import bench.view_contrast as view_contrast
+    root = tmp_path / "data"
+    root.mkdir()
+    for index in range(2):
+        masks = [disk((48, 48), centre, 6) for centre in ((12, 12), (30, 34), (36, 10))]
+        make_sample(root, f"white{index}", stained(background=(235, 232, 238)), masks)
+    scores = view_contrast.main([str(root), "--families", "colour_white"])
+    assert set(scores) == {"colour_white"}
+    for view in ("stain_norm = hematoxylin", "stain_norm = inverted_grey"):
+        assert len(scores["colour_white"][view]) == 2 and min(scores["colour_white"][view]) > 3
+    assert "colour_white (2 colour images)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no image of family colour_tinted"):
+        view_contrast.main([str(root), "--families", "colour_tinted"])

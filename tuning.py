@@ -61,9 +61,10 @@ def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = Fal
     # forked workers inherit `items` through _ITEMS: only each setting and its scores cross processes
     global _ITEMS
     _ITEMS, work = items, functools.partial(_score_setting, confidences=confidences)
+    workers = min(workers, len(posts))
     try:
-        if min(workers, len(posts)) > 1 and sys.platform.startswith("linux"):  # fork: safe there, not on macOS
-            with multiprocessing.get_context("fork").Pool(min(workers, len(posts))) as pool:
+        if workers > 1 and sys.platform.startswith("linux"):  # fork: safe there, not on macOS
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
                 found = list(tqdm(pool.imap(work, posts), total=len(posts), desc="tuning", leave=False))
         else:
             found = [work(post) for post in tqdm(posts, desc="tuning", leave=False)]

@@ -62,8 +62,12 @@ def main(argv=None) -> dict[str, dict[str, list[float]]]:
                 continue
             for view, make in VIEWS.items():
                 scores[view].append(cohens_d(make(image), labels > 0))
+        counted = len(scores[next(iter(VIEWS))])
+        if not counted:
+            raise SystemExit(f"error: family {family} of {args.data} has no colour image with both nuclei and "
+                             f"background to compare")
         out[family] = scores
-        print(f"{family} ({len(scores[next(iter(VIEWS))])} colour images): Cohen's d, median (10th percentile)")
+        print(f"{family} ({counted} colour images): Cohen's d, median (10th percentile)")
         for view, values in scores.items():
             print(f"  {view:28s} {np.median(values):.2f} ({np.percentile(values, 10):.2f})")
     return out

@@ -108,6 +108,10 @@ def inverted_grey_view(image: np.ndarray, low: float = 0.5, high: float = 99.9) 
     return _grey_view(255.0 - cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32), low, high)
 
 
+# `[pre] stain_norm` -> the view it applies to colour images (config.PreConfig lists the same names)
+STAIN_VIEWS = {"hematoxylin": haematoxylin_view, "inverted_grey": inverted_grey_view}
+
+
 def invert_if_bright(image: np.ndarray, median: float = BRIGHT_MEDIAN) -> np.ndarray:
     """A grey image whose median is `median` or more (brightfield: dark nuclei on a bright
     background) inverted, so nuclei are bright on dark as in fluorescence; other images unchanged.
@@ -138,10 +142,8 @@ def prepares_nothing(pre: PreConfig) -> bool:
 def prepare_image(image: np.ndarray, pre: PreConfig) -> np.ndarray:
     """Deterministic whole-image preprocessing, the same for training and prediction:
     `[pre] stain_norm`, `invert_bright`, `stretch` then `clahe`. RGB uint8 (H, W, 3) in and out."""
-    if pre.stain_norm == "hematoxylin":
-        image = haematoxylin_view(image)
-    elif pre.stain_norm == "inverted_grey":
-        image = inverted_grey_view(image)
+    if pre.stain_norm != "off":
+        image = STAIN_VIEWS[pre.stain_norm](image)
     if pre.invert_bright:
         image = invert_if_bright(image)
     if pre.stretch:

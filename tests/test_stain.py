@@ -166,3 +166,8 @@ def test_view_contrast_bench_measures_each_view_on_the_named_family(tmp_path, ca
     assert "colour_white (2 colour images)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no image of family colour_tinted"):
         view_contrast.main([str(root), "--families", "colour_tinted"])
+    grey_root = tmp_path / "grey"
+    grey_root.mkdir()
+    make_sample(grey_root, "grey", grey(48), [disk((48, 48), (20, 20), 8)])
+    with pytest.raises(SystemExit, match="family fluorescence_small .* has no colour image"):
+        view_contrast.main([str(grey_root), "--families", "fluorescence_small"])

@@ -1,3 +1,4 @@
+import configparser
 import dataclasses
 import re
 import subprocess
@@ -106,12 +107,10 @@ def test_script_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.ini")), ids=lambda p: p.relative_to(REPO).as_posix())
 def test_every_shipped_config_loads(path):
     """The recipes and ablations the README and docs/results.md point users to are valid settings
     files on their own, and every setting in them is the one the loaded config takes."""
-    import configparser
     cfg = load_config(path, user_path=None)
     parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"))
     parser.read(path)

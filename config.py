@@ -354,10 +354,6 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
     if len(cfg.loss.head_weights) != 3:
         raise ConfigError(f"{raw['loss']['head_weights'][1]}: [loss] head_weights needs 3 numbers "
                           f"(semantic, contour, marker), got {len(cfg.loss.head_weights)}")
-    if cfg.pre.stain_jitter > 0 and cfg.pre.stain_norm != "off":
-        raise ConfigError(f"{raw['pre']['stain_jitter'][1]}: [pre] stain_jitter does nothing with stain_norm = "
-                          f"{cfg.pre.stain_norm} (set in {raw['pre']['stain_norm'][1]}): the view turns colour images grey "
-                          f"before the jitter; set one of them")
     if cfg.train.balance_group and cfg.train.balance_family:
         raise ConfigError(f"{raw['train']['balance_family'][1]}: [train] balance_family and balance_group "
                           f"(set in {raw['train']['balance_group'][1]}) cannot both be on: choose one")

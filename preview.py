@@ -23,7 +23,7 @@ import numpy as np
 
 from atomic import atomic_path
 from config import Config, load_and_report, run_main
-from dataset.augment import Augmenter, item_generator, prepare_image
+from dataset.augment import Augmenter, hed_jitter, item_generator, prepare_image
 from dataset.io import read_sample_cached
 from dataset.layouts import layout_samples
 from dataset.selection import read_whitelist, sample_groups, split_ids
@@ -53,13 +53,15 @@ def summarize(samples, cfg) -> list[str]:
 
 def augmented_items(samples, cfg: Config, n: int) -> list[dict[str, np.ndarray]]:
     """`n` training items (cycling through `samples`) as numpy arrays: 'image' RGB uint8, 'labels'
-    and the targets, with the geometric draws `NucleiDataset` makes for them at epoch 0."""
+    and the targets, with the stain and geometric draws `NucleiDataset` makes for them at epoch 0."""
     augmenter = Augmenter(cfg.pre)
     items = []
     for index in range(n):
         files = samples[index % len(samples)]
         image, labels = read_sample_cached(files, cfg.target.fill_holes, cfg.dataset.cache_dir)
         rng = item_generator(cfg.train.seed, 0, index % len(samples))
+        if cfg.pre.stain_jitter > 0:  # before the view, as in NucleiDataset.stain_jittered
+            image = hed_jitter(image, cfg.pre.stain_jitter, rng)
         image, labels = augmenter.geometric(prepare_image(image, cfg.pre), labels, rng)
         items.append({"image": image, "labels": labels, **make_targets(labels, cfg.contour, cfg.target)})
     return items

@@ -3,8 +3,10 @@
 Geometry (rescale + crop, a random loss of resolution, elastic distortion, flips, 90-degree
 rotations) runs in OpenCV/numpy on the image and the label map together; labels are always
 resampled with nearest neighbour, so an instance id is never interpolated into another. Colour
-changes run afterwards on the image alone, with torchvision's transforms, after the
-haematoxylin-eosin stain jitter of `[pre] stain_jitter` (colour images only). All randomness comes
+changes run afterwards on the image alone, with torchvision's transforms. The haematoxylin-eosin
+stain jitter of `[pre] stain_jitter` (colour images only) comes before all of it, on the whole image
+and before `prepare_image`, so that a stain view sees colours no training image has
+(`dataset.torch_data.NucleiDataset`). All randomness comes
 from a numpy Generator passed in, so a sample is reproducible from its seed whatever process draws
 it.
 
@@ -307,8 +309,6 @@ class Augmenter:
 
     def photometric(self, image: np.ndarray, rng: np.random.Generator):
         import torch
-        if self.pre.stain_jitter > 0:
-            image = hed_jitter(image, self.pre.stain_jitter, rng)
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         colour = self.colour
         if colour is not None:

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from config import Config, InputError
-from dataset.augment import (PREPARE_VERSION, Augmenter, item_generator, prepare_image, prepare_key, prepares_nothing,
-                             to_tensor_image)
+from dataset.augment import (PREPARE_VERSION, Augmenter, hed_jitter, item_generator, prepare_image, prepare_key,
+                             prepares_nothing, to_tensor_image)
 from dataset.families import family_weights, image_features, sample_families
 from dataset.io import SampleFiles, derived_cached, read_sample_cached
 from dataset.selection import balance_weights, read_whitelist
@@ -93,15 +93,30 @@ class NucleiDataset(Dataset):
             self._prepared[index] = prepare_image(image, pre)
         return self._prepared[index], labels
 
+    def stain_jittered(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        """`prepared`, but a colour image has its stains jittered first (`[pre] stain_jitter`): the
+        jitter runs on the whole decoded image before `prepare_image`, so that a stain view
+        (`[pre] stain_norm`) turns colours no training image has into grey, and its percentile
+        stretch sees the whole image as at prediction. Grey images come from the cache as before."""
+        image, labels = self.decoded(index)
+        jittered = hed_jitter(image, self.cfg.pre.stain_jitter, rng)
+        if jittered is image:  # a grey image: hed_jitter leaves it as it is
+            return self.prepared(index)
+        return prepare_image(jittered, self.cfg.pre), labels
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        image, labels = self.prepared(index)
         if self.augment:
+            rng = item_generator(self.seed, self.epoch, index)
+            if self.cfg.pre.stain_jitter > 0:
+                image, labels = self.stain_jittered(index, rng)
+            else:
+                image, labels = self.prepared(index)
             if labels is None:
                 raise InputError(f"{self.samples[index].folder}: training sample has no masks/ folder")
-            rng = item_generator(self.seed, self.epoch, index)
             image, labels = self.augmenter.geometric(image, labels, rng)
             tensor = self.augmenter.photometric(image, rng)
         else:
+            image, labels = self.prepared(index)
             tensor = to_tensor_image(image)
         item: dict[str, torch.Tensor | int] = {"image": tensor, "index": index}
         if labels is not None:

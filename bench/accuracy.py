@@ -138,7 +138,8 @@ def merged_settings(configs: list, work: Path) -> Path:
     parser.optionxform = str
     for config in configs:
         if config:
-            parser.read(config)
+            with open(config, encoding="utf-8") as fh:  # parser.read would skip a missing file
+                parser.read_file(fh)
     for section, values in {"dataset": {"root": str(work / "data"), "cache_dir": str(work.parent / "cache")},
                             "train": {"checkpoint_dir": str(work / "checkpoint"), "log_dir": str(work / "runs")}}.items():
         if not parser.has_section(section):
@@ -197,6 +198,9 @@ def main(argv=None):
     parser.add_argument("--min-family", type=int, default=10,
                         help="families of fewer images are merged into the nearest one")
     args = parser.parse_args(argv)
+    for config in args.config:  # before any folder is made: a misspelt file must not give a default row
+        if not Path(config).is_file():
+            raise SystemExit(f"error: --config {config}: no such settings file")
 
     samples = [s for s in list_samples(args.data) if s.mask_paths is not None]
     if not (args.hold_out_family or args.leave_one_out):

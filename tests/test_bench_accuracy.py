@@ -68,6 +68,12 @@ def test_rows_for_a_run_and_an_ensemble_of_two(bench):
     assert len(scores) == 1 and scores["dsb"].iloc[0] == pytest.approx(ensemble["dsb"])
 
 
+def test_a_missing_config_file_is_an_error_not_a_row_of_the_others(bench):
+    with pytest.raises(SystemExit, match="--config nosuch.ini: no such settings file"):
+        run("--config", "unet.ini", "--config", "nosuch.ini", "--budget", "5")
+    assert not (bench / "work").exists() and not (bench / "results.csv").exists()
+
+
 def test_a_row_may_not_overwrite_the_run_it_scores(bench):
     run("--config", "unet.ini", "--budget", "5")
     with pytest.raises(SystemExit, match="overwrite"):

@@ -279,7 +279,9 @@ def _check_ranges(obj, section: str, source: str) -> None:
         check_field(f, getattr(obj, f.name), f"{source}: [{section}] {f.name}")
 
 
-def _read_ini(path: Path) -> configparser.ConfigParser:
+def read_ini(path: Path) -> configparser.ConfigParser:
+    """One settings file as a parser (keys case-sensitive); ConfigError naming the file when it is
+    missing or not INI."""
     parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
     parser.optionxform = str  # keys are case-sensitive, as written in config_default.ini
     try:
@@ -297,7 +299,7 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
                 default_path: Path = DEFAULT_PATH) -> Config:
     """Read the defaults, then `user_path` if it exists, then `extra` (which must exist)."""
     raw: dict[str, dict[str, tuple[str, str]]] = {}
-    defaults = _read_ini(default_path)
+    defaults = read_ini(default_path)
     for section, cls in SECTIONS.items():
         if not defaults.has_section(section):
             raise ConfigError(f"{default_path}: section [{section}] is missing")
@@ -314,7 +316,7 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
     if extra is not None:
         files.append(Path(extra))
     for path in files:
-        parser = _read_ini(path)
+        parser = read_ini(path)
         for section in parser.sections():
             if section not in SECTIONS:
                 raise ConfigError(f"{path}: unknown section [{section}] "

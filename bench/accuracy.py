@@ -61,7 +61,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from atomic import atomic_dir, atomic_path  # noqa: E402
-from config import InputError, load_config  # noqa: E402
+from config import ConfigError, InputError, load_config, read_ini  # noqa: E402
 from dataset import split_ids  # noqa: E402
 from dataset.families import sample_families  # noqa: E402
 from dataset.io import list_samples, read_image, read_sample  # noqa: E402
@@ -138,8 +138,7 @@ def merged_settings(configs: list, work: Path) -> Path:
     parser.optionxform = str
     for config in configs:
         if config:
-            with open(config, encoding="utf-8") as fh:  # parser.read would skip a missing file
-                parser.read_file(fh)
+            parser.read_dict(read_ini(Path(config)))  # (parser.read would skip a missing file)
     for section, values in {"dataset": {"root": str(work / "data"), "cache_dir": str(work.parent / "cache")},
                             "train": {"checkpoint_dir": str(work / "checkpoint"), "log_dir": str(work / "runs")}}.items():
         if not parser.has_section(section):
@@ -199,8 +198,10 @@ def main(argv=None):
                         help="families of fewer images are merged into the nearest one")
     args = parser.parse_args(argv)
     for config in args.config:  # before any folder is made: a misspelt file must not give a default row
-        if not Path(config).is_file():
-            raise SystemExit(f"error: --config {config}: no such settings file")
+        try:
+            read_ini(Path(config))
+        except ConfigError as exc:
+            raise SystemExit(f"error: --config {exc}") from None
 
     samples = [s for s in list_samples(args.data) if s.mask_paths is not None]
     if not (args.hold_out_family or args.leave_one_out):

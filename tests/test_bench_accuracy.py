@@ -69,8 +69,11 @@ def test_rows_for_a_run_and_an_ensemble_of_two(bench):
 
 
 def test_a_missing_config_file_is_an_error_not_a_row_of_the_others(bench):
-    with pytest.raises(SystemExit, match="--config nosuch.ini: no such settings file"):
+    with pytest.raises(SystemExit, match="--config nosuch.ini: config file not found"):
         run("--config", "unet.ini", "--config", "nosuch.ini", "--budget", "5")
+    (bench / "broken.ini").write_text("n_epoch = 2\n")  # a key before any [section]
+    with pytest.raises(SystemExit, match="--config broken.ini: not a valid INI file"):
+        run("--config", "unet.ini", "--config", "broken.ini", "--budget", "5")
     assert not (bench / "work").exists() and not (bench / "results.csv").exists()
 
 

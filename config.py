@@ -164,7 +164,7 @@ class ValidConfig:
     tta_rotate: bool
     ensemble: str = _choices("mean", "vote")
     max_memory_mb: int = _at_least(0)
-    diameter_scale: float = _between(0.25, 4)
+    diameter_scale: tuple[float, ...] = _between(0.25, 4)
 
 
 @dataclass(frozen=True)
@@ -353,6 +353,8 @@ def load_config(extra: str | os.PathLike | None = None, *, user_path: Path | Non
     if cfg.dataset.percentile_low >= cfg.dataset.percentile_high:
         raise ConfigError(f"{raw['dataset']['percentile_low'][1]}: [dataset] percentile_low "
                           f"{cfg.dataset.percentile_low} must be below percentile_high {cfg.dataset.percentile_high}")
+    if not cfg.valid.diameter_scale:
+        raise ConfigError(f"{raw['valid']['diameter_scale'][1]}: [valid] diameter_scale needs at least one number")
     if len(cfg.loss.head_weights) != 3:
         raise ConfigError(f"{raw['loss']['head_weights'][1]}: [loss] head_weights needs 3 numbers "
                           f"(semantic, contour, marker), got {len(cfg.loss.head_weights)}")

@@ -51,7 +51,7 @@ from config import Config, InputError, load_and_report, load_config, run_main, u
 from dataset.augment import stretch_contrast
 from dataset.io import list_samples, read_image
 from dataset.layouts import prediction_percentiles
-from inference import Member, predict_image
+from inference import Member, predict_image, prediction_diameters
 from model import build_model
 from model.checkpoint import load_weights, model_config_of, read_checkpoint
 from tuning import resolve_post, tuned_path
@@ -232,9 +232,10 @@ def export_settings(path: Path, state: dict, cfg: Config, use_tuned: bool) -> di
         caller.append(f"[pre] {', '.join(steps)} (dataset.augment.prepare_image, in this order) before the "
                       f"network: the input must be prepared")
     if pre.size_norm:
+        across = " and ".join(f"{d:g}" for d in prediction_diameters(pre, valid))
         caller.append(f"[pre] size_norm: rescale the image so that its median nucleus is "
-                      f"{pre.nucleus_diameter * valid.diameter_scale:g} pixels across ([pre] nucleus_diameter "
-                      f"x [valid] diameter_scale), predict, resize the maps back (inference.predict_normalised)")
+                      f"{across} pixels across ([pre] nucleus_diameter x [valid] diameter_scale; several: "
+                      f"average the maps), predict, resize the maps back (inference.predict_normalised)")
     if not valid.pred_orig_size:
         caller.append(f"[valid] pred_orig_size = False: resize the image to {pre.width}x{pre.width}, "
                       f"predict, resize the maps back")

@@ -13,8 +13,8 @@ network stride or tiles, test-time augmentation, and the average over members. `
 A member trained with `[pre] size_norm` sees every image at its training nucleus size: passes
 without TTA estimate the image's median nucleus diameter (`dataset.sizes.estimate_diameter` on the
 semantic map), the image is rescaled so that it becomes `[pre] nucleus_diameter` times `[valid]
-diameter_scale` (`prediction_diameter`), predicted, and its maps are resized back to the image's
-own size, where post-processing runs.
+diameter_scale` (`prediction_diameters`; several scales: each, maps averaged), predicted, and its
+maps are resized back to the image's own size, where post-processing runs.
 """
 from __future__ import annotations
 
@@ -211,12 +211,18 @@ def resize_maps(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.reshape(*x.shape[:-2], *size)
 
 
+def prediction_diameters(pre: PreConfig, valid: ValidConfig) -> tuple[float, ...]:
+    """The median nucleus diameters in pixels that a size-normalised member predicts at: its training
+    diameter `[pre] nucleus_diameter` times each `[valid] diameter_scale`. Training draws nuclei from
+    half to twice the training diameter (`[pre] rescale_min`, `rescale_max`), so a scale above 1
+    shows the network nuclei it knows with more pixels across their borders, at more pixels to
+    predict. The first is where the image's nucleus size is estimated (`prediction_diameter`)."""
+    return tuple(pre.nucleus_diameter * scale for scale in valid.diameter_scale)
+
+
 def prediction_diameter(pre: PreConfig, valid: ValidConfig) -> float:
-    """The median nucleus diameter in pixels that a size-normalised member predicts at: its training
-    diameter `[pre] nucleus_diameter` times `[valid] diameter_scale`. Training draws nuclei from half
-    to twice the training diameter (`[pre] rescale_min`, `rescale_max`), so a scale above 1 shows
-    the network nuclei it knows with more pixels across their borders, at more pixels to predict."""
-    return pre.nucleus_diameter * valid.diameter_scale
+    """The first of `prediction_diameters`: the size the estimation passes aim at."""
+    return prediction_diameters(pre, valid)[0]
 
 
 def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int, target: float,
@@ -244,18 +250,31 @@ def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int, t
     return diameter, factor
 
 
-def predict_normalised(model, image: torch.Tensor, valid: ValidConfig, width: int, target: float,
+def predict_normalised(model, image: torch.Tensor, valid: ValidConfig, width: int,
+                       targets: float | tuple[float, ...],
                        factor: float | None = None) -> tuple[dict[str, torch.Tensor], float | None, float]:
-    """`predict_model` at the nucleus size `target` (pixels): the image is rescaled by the factor
-    `estimate_scale` gives (or by `factor` when given, with no estimate), predicted with `valid`'s
-    TTA, padding and tiles, and every map is resized back to the image's size. Returns (maps,
-    estimated diameter or None, factor)."""
+    """`predict_model` at the nucleus size `targets` (pixels; several: at each, maps averaged): the
+    image is rescaled by the factor `estimate_scale` gives for the first target (or by `factor`
+    when given, with no estimate; the other targets scale it in proportion), predicted with
+    `valid`'s TTA, padding and tiles, and every map is resized back to the image's size. An image
+    in which the estimate saw no nucleus is predicted once, as it is. Returns (maps, estimated
+    diameter or None, the first target's factor)."""
+    targets = (targets,) if isinstance(targets, (int, float)) else tuple(targets)
     diameter = None
     if factor is None:
-        diameter, factor = estimate_scale(model, image, valid, width, target)
+        diameter, factor = estimate_scale(model, image, valid, width, targets[0])
+        factors = [factor] if diameter is None else [size_factor(diameter, t) for t in targets]
+    else:
+        factors = [size_factor(targets[0] / factor, t) for t in targets]
     h, w = image.shape[-2:]
-    out = predict_model(model, rescale_image(image, scaled_size(h, w, factor)), valid, width)
-    return {k: resize_maps(v, (h, w)) for k, v in out.items()}, diameter, factor
+    total: dict[str, torch.Tensor] = {}
+    unique = list(dict.fromkeys(factors))  # two targets clamped to one limit are predicted once
+    for f in unique:
+        out = predict_model(model, rescale_image(image, scaled_size(h, w, f)), valid, width)
+        for k, v in out.items():
+            v = resize_maps(v, (h, w))
+            total[k] = total[k] + v if k in total else v
+    return {k: v / len(unique) for k, v in total.items()}, diameter, factor
 
 
 def _member(m) -> Member:
@@ -283,8 +302,9 @@ def predict_image(members: list, image: np.ndarray | torch.Tensor, valid: ValidC
     (so CAUNet and CAMUNet checkpoints combine); with `ensemble = vote` and two or more members each
     map is binarised at 0.5 first, giving the share of votes. `width`: the input side for
     `pred_orig_size = False` when a member has no `[pre]`. A member whose `[pre]` has `size_norm`
-    predicts the image rescaled to its `prediction_diameter` (`predict_normalised`); `sizes`, when
-    given, receives {member name: (estimated median diameter or None, rescale factor)} for them.
+    predicts the image rescaled to its `prediction_diameters` (`predict_normalised`); `sizes`, when
+    given, receives {member name: (estimated median diameter or None, the first scale's rescale
+    factor)} for them.
     """
     members = [_member(m) for m in members]
     for member in members:
@@ -302,7 +322,7 @@ def predict_image(members: list, image: np.ndarray | torch.Tensor, valid: ValidC
         side = member.pre.width if member.pre is not None else (width or 256)
         if member.pre is not None and member.pre.size_norm:
             maps, diameter, factor = predict_normalised(member.model, prepared[key], valid, side,
-                                                        prediction_diameter(member.pre, valid))
+                                                        prediction_diameters(member.pre, valid))
             if sizes is not None:
                 sizes[member.name] = (diameter, factor)
         else:

@@ -125,7 +125,7 @@ def test_size_norm_predicts_at_the_target_size_and_returns_maps_at_the_image_siz
     shape = (200, 240)
     image = bright_disks(diameter, shape)
     pre = cfg.replace("pre", size_norm=True, nucleus_diameter=20).pre
-    valid = cfg.replace("valid", diameter_scale=scale).valid
+    valid = cfg.replace("valid", diameter_scale=(scale,)).valid
     model, sizes = Recording(), {}
     out = predict_image([Member(model, pre, "sized")], image, valid, sizes=sizes)
     estimated, used = sizes["sized"]
@@ -141,6 +141,34 @@ def test_size_norm_predicts_at_the_target_size_and_returns_maps_at_the_image_siz
         assert out[k].shape == shape
         found, truth = out[k] > 0.5, v > 0.5
         assert (found & truth).sum() / (found | truth).sum() > 0.9
+
+
+def test_several_diameter_scales_predict_at_each_size_and_average_the_maps(cfg):
+    # nuclei 40 pixels across, targets 20 and 30: factors 0.5 and 0.75, each with the four flips
+    shape = (200, 240)
+    image = bright_disks(40, shape)
+    pre = cfg.replace("pre", size_norm=True, nucleus_diameter=20).pre
+    model, sizes = Recording(), {}
+    out = predict_image([Member(model, pre, "m")], image, cfg.replace("valid", diameter_scale=(1.0, 1.5)).valid,
+                        sizes=sizes)
+    estimated, first = sizes["m"]
+    assert first == pytest.approx(0.5, rel=0.06)  # the factor of the first scale is reported
+    four = [c for c in model.calls if c[0] == 4]
+    assert four == [(4, padded(round(200 * first)), padded(round(240 * first))),
+                    (4, padded(round(200 * 0.75 * 40 / estimated)), padded(round(240 * 0.75 * 40 / estimated)))]
+    # the average of the two single-scale predictions at those factors, at the image's size
+    from inference import predict_normalised
+    single = [predict_normalised(Recording(), image, cfg.valid, pre.width, target, factor=target / estimated)[0]
+              for target in (20, 30)]
+    for k in out:
+        np.testing.assert_allclose(out[k], ((single[0][k] + single[1][k]) / 2).numpy(), atol=1e-5)
+
+
+def test_diameter_scale_needs_a_number(tmp_path):
+    from config import ConfigError, load_config
+    (tmp_path / "c.ini").write_text("[valid]\ndiameter_scale =\n")
+    with pytest.raises(ConfigError, match="c.ini: \\[valid\\] diameter_scale needs at least one number"):
+        load_config(tmp_path / "c.ini", user_path=None)
 
 
 def test_a_size_normalised_member_ensembles_with_a_plain_one(cfg):

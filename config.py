@@ -178,6 +178,7 @@ class PostConfig:
     seed_peaks: bool
     semantic_only: bool
     min_confidence: float = _between(0, 1)
+    peak_height: float = _between(0, 1)
 
 
 SECTIONS: dict[str, type] = {

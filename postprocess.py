@@ -10,9 +10,10 @@ CAMUNet; each a float (H, W) map in [0, 1]):
 1. Seeds (one connected component = one nucleus):
    - 3 heads: marker > threshold_mark AND NOT contour > threshold_edge AND semantic > threshold;
    - 2 heads: semantic > threshold AND NOT contour > threshold_edge;
-   - 1 head:  domes at least `PEAK_H` pixels high (h-maxima, keeping each dome's whole top) of the
-     Euclidean distance transform of the semantic mask (slightly smoothed), so touching round nuclei
-     split at the neck while a ridge (an elongated or ring-shaped nucleus) stays one seed.
+   - 1 head:  domes (h-maxima, keeping each dome's whole top) of the Euclidean distance transform
+     of the semantic mask (slightly smoothed) that rise `peak_height` times the image's median
+     nucleus diameter (`peak_diameter`) above their saddle, so touching round nuclei split at the
+     neck while a ridge (an elongated or ring-shaped nucleus) stays one seed, whatever the size.
    Thresholded seed components smaller than `SEED_MIN_SIZE` pixels are noise specks and dropped
    (distance-peak seeds are kept whatever their size: a peak is often a single pixel).
    With `seed_peaks` (2 and 3 heads), a seed component with two or more distance-transform domes
@@ -51,10 +52,13 @@ from skimage.morphology import reconstruction
 from skimage.segmentation import random_walker, relabel_sequential, watershed
 
 from config import PostConfig  # the [post] settings: a plain dataclass, no torch
+from dataset.sizes import estimate_diameter
 
 _CROSS = ndimage.generate_binary_structure(2, 1)  # 4-connectivity
 
-PEAK_H = 1.0           # 1 head: a distance peak must rise this many pixels above its saddle
+# 1 head: the nucleus diameter a distance peak's height is measured against when the map shows no
+# nucleus to measure (the DSB2018 median is about 17 pixels; the recipes train at 20)
+PEAK_DIAMETER = 20.0
 PEAK_SMOOTH = 1.0      # 1 head: Gaussian sigma applied to the distance transform before peaks
 SEED_MIN_SIZE = 2      # 2-3 heads: thresholded seed components below this many pixels are dropped
 RW_BETA = 130.0        # random walker beta (skimage's default), for the whole image's data spread
@@ -98,7 +102,7 @@ def seeds(probs: dict[str, np.ndarray], settings: PostConfig) -> tuple[np.ndarra
     mask = semantic > settings.threshold
     if contour is None:
         # distance-transform peaks: one per round blob, two for two touching round nuclei
-        return _distance_peaks(mask)
+        return _distance_peaks(mask, settings.peak_height * peak_diameter(semantic))
     core = mask & ~(contour > settings.threshold_edge)
     if marker is not None:
         core &= marker > settings.threshold_mark
@@ -111,14 +115,22 @@ def seeds(probs: dict[str, np.ndarray], settings: PostConfig) -> tuple[np.ndarra
             lab, _, _ = relabel_sequential(np.where(keep[lab], lab, 0))
             n = int(keep[1:].sum())
     if settings.seed_peaks and n:
-        return _split_at_peaks(lab, n)
+        return _split_at_peaks(lab, n, settings.peak_height * peak_diameter(semantic))
     return lab.astype(np.int32), int(n)
 
 
-def _split_at_peaks(lab: np.ndarray, n: int) -> tuple[np.ndarray, int]:
-    """Seed components with two or more distance-transform peaks replaced by those peaks; the
-    others (one peak, or none: a small or thin component) stay whole."""
-    peaks, m = _distance_peaks(lab > 0)
+def peak_diameter(semantic: np.ndarray) -> float:
+    """The median nucleus diameter (pixels) that distance peaks are measured against: estimated from
+    the semantic map (`dataset.sizes.estimate_diameter`: pieces cut at relative necks, so the
+    estimate itself does not depend on a size in pixels), PEAK_DIAMETER when it shows no nucleus."""
+    diameter = estimate_diameter(semantic)
+    return PEAK_DIAMETER if diameter is None else diameter
+
+
+def _split_at_peaks(lab: np.ndarray, n: int, h: float) -> tuple[np.ndarray, int]:
+    """Seed components with two or more distance-transform peaks (rising h pixels) replaced by
+    those peaks; the others (one peak, or none: a small or thin component) stay whole."""
+    peaks, m = _distance_peaks(lab > 0, h)
     if m == 0:
         return lab.astype(np.int32), n
     owner = np.zeros(m + 1, np.int64)  # the component each peak lies in (peaks lie inside the core)
@@ -133,12 +145,12 @@ def _split_at_peaks(lab: np.ndarray, n: int) -> tuple[np.ndarray, int]:
     return out.astype(np.int32), int(out.max())
 
 
-def _distance_peaks(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Seeds at the domes of the mask's (slightly smoothed) distance transform."""
+def _distance_peaks(mask: np.ndarray, h: float) -> tuple[np.ndarray, int]:
+    """Seeds at the domes of the mask's (slightly smoothed) distance transform that rise h pixels."""
     dist = _distance(mask)
     if PEAK_SMOOTH > 0:
         dist = ndimage.gaussian_filter(dist, PEAK_SMOOTH) * mask
-    return _domes(dist, PEAK_H)
+    return _domes(dist, h)
 
 
 def _domes(height: np.ndarray, h: float) -> tuple[np.ndarray, int]:

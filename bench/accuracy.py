@@ -218,6 +218,18 @@ def main(argv=None):
     return rows[0] if args.hold_out_family else rows
 
 
+def source_run(args, run: str, family: str | None) -> Path:
+    """The folder of the earlier row `--from-run run` names: <work>/<run>, or <work>/<run>-<family> for a
+    held-out family. Stops with one line when it is not a finished run (no settings.ini or no
+    checkpoint folder)."""
+    folder = Path(args.work) / (run if family is None else f"{run}-{family}")
+    if not (folder / "settings.ini").is_file() or not (folder / "checkpoint").is_dir():
+        raise SystemExit(f"error: --from-run {run}: {folder} is not a benchmark run folder (settings.ini and "
+                         f"checkpoint/); name the row as it was run (--name), without the family: with "
+                         f"--hold-out-family the folder is <name>-<family>")
+    return folder
+
+
 def one_row(args, samples, family: str | None, families: dict[str, str]) -> dict:
     """Split, train (or score the classical floor), tune, score, append and return one row. `family`:
     None for the seeded random 10 % split; else the family left out (`families` maps every id)."""
@@ -236,6 +248,7 @@ def one_row(args, samples, family: str | None, families: dict[str, str]) -> dict
         raise SystemExit("error: --name scaled is the folder of the size test sets; choose another name")
     if name in args.from_run:
         raise SystemExit(f"error: --name {name} would overwrite the run it scores; choose another name")
+    sources = [source_run(args, run, family) for run in args.from_run]  # before any folder is made
     if work.exists():
         shutil.rmtree(work)
     link_split(samples, train_ids, work / "data" / "train")
@@ -247,9 +260,8 @@ def one_row(args, samples, family: str | None, families: dict[str, str]) -> dict
     for factor in args.scales:
         scaled[factor] = scaled_split(samples, valid_ids, factor, Path(args.work) / "scaled")
         (work / "data" / f"valid_{scaled_name(factor)}").symlink_to(scaled[factor].resolve())
-    if args.from_run:
-        source = Path(args.work) / (args.from_run[0] if family is None else f"{args.from_run[0]}-{family}")
-        settings = merged_settings([source / "settings.ini", *args.config], work)
+    if sources:
+        settings = merged_settings([sources[0] / "settings.ini", *args.config], work)
     else:
         settings = merged_settings(args.config, work)
     cfg = load_config(settings, user_path=None)
@@ -281,10 +293,9 @@ def one_row(args, samples, family: str | None, families: dict[str, str]) -> dict
         if args.from_run:
             from model.checkpoint import latest_checkpoint, read_checkpoint
             ckpts = []
-            for run in args.from_run:
+            for run, folder in zip(args.from_run, sources):
                 # linked into this row's folder, so that the tuned thresholds are saved there
-                source = latest_checkpoint(Path(args.work) / (run if family is None else f"{run}-{family}")
-                                           / "checkpoint")
+                source = latest_checkpoint(folder / "checkpoint")
                 link = work / "checkpoint" / f"{run}-{source.name}"
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(source.resolve())

@@ -81,3 +81,9 @@ def test_a_row_may_not_overwrite_the_run_it_scores(bench):
     run("--config", "unet.ini", "--budget", "5")
     with pytest.raises(SystemExit, match="overwrite"):
         run("--from-run", "unet", "--name", "unet")
+
+
+def test_a_from_run_that_is_not_a_run_folder_is_one_line_and_writes_nothing(bench):
+    with pytest.raises(SystemExit, match="--from-run nosuch: .*nosuch is not a benchmark run folder"):
+        run("--from-run", "nosuch", "--name", "again")
+    assert not (bench / "work" / "again").exists() and not (bench / "results.csv").exists()

@@ -12,8 +12,9 @@ CAMUNet; each a float (H, W) map in [0, 1]):
    - 2 heads: semantic > threshold AND NOT contour > threshold_edge;
    - 1 head:  domes (h-maxima, keeping each dome's whole top) of the Euclidean distance transform
      of the semantic mask (slightly smoothed) that rise `peak_height` times the image's median
-     nucleus diameter (`peak_diameter`) above their saddle, so touching round nuclei split at the
-     neck while a ridge (an elongated or ring-shaped nucleus) stays one seed, whatever the size.
+     nucleus diameter (`peak_diameter`), at most PEAK_MAX pixels, above their saddle, so touching
+     round nuclei split at the neck while a ridge (an elongated or ring-shaped nucleus) stays one
+     seed; small nuclei, whose necks are shallow in pixels, split as readily as usual ones.
    Thresholded seed components smaller than `SEED_MIN_SIZE` pixels are noise specks and dropped
    (distance-peak seeds are kept whatever their size: a peak is often a single pixel).
    With `seed_peaks` (2 and 3 heads), a seed component with two or more distance-transform domes
@@ -59,6 +60,10 @@ _CROSS = ndimage.generate_binary_structure(2, 1)  # 4-connectivity
 # 1 head: the nucleus diameter a distance peak's height is measured against when the map shows no
 # nucleus to measure (the DSB2018 median is about 17 pixels; the recipes train at 20)
 PEAK_DIAMETER = 20.0
+# 1 head: the most a distance peak must rise (pixels). Large nuclei come from maps that prediction
+# enlarged, whose necks are blurred shallower than their size would make them: a height in
+# proportion to the nucleus merged touching ones there (docs/results.md, session 13)
+PEAK_MAX = 1.0
 PEAK_SMOOTH = 1.0      # 1 head: Gaussian sigma applied to the distance transform before peaks
 SEED_MIN_SIZE = 2      # 2-3 heads: thresholded seed components below this many pixels are dropped
 RW_BETA = 130.0        # random walker beta (skimage's default), for the whole image's data spread
@@ -102,7 +107,7 @@ def seeds(probs: dict[str, np.ndarray], settings: PostConfig) -> tuple[np.ndarra
     mask = semantic > settings.threshold
     if contour is None:
         # distance-transform peaks: one per round blob, two for two touching round nuclei
-        return _distance_peaks(mask, settings.peak_height * peak_diameter(semantic))
+        return _distance_peaks(mask, peak_rise(semantic, settings))
     core = mask & ~(contour > settings.threshold_edge)
     if marker is not None:
         core &= marker > settings.threshold_mark
@@ -115,8 +120,14 @@ def seeds(probs: dict[str, np.ndarray], settings: PostConfig) -> tuple[np.ndarra
             lab, _, _ = relabel_sequential(np.where(keep[lab], lab, 0))
             n = int(keep[1:].sum())
     if settings.seed_peaks and n:
-        return _split_at_peaks(lab, n, settings.peak_height * peak_diameter(semantic))
+        return _split_at_peaks(lab, n, peak_rise(semantic, settings))
     return lab.astype(np.int32), int(n)
+
+
+def peak_rise(semantic: np.ndarray, settings: PostConfig) -> float:
+    """How high (pixels) a distance peak must rise to seed a nucleus of its own: `[post] peak_height`
+    times the image's median nucleus diameter, at most PEAK_MAX."""
+    return min(PEAK_MAX, settings.peak_height * peak_diameter(semantic))
 
 
 def peak_diameter(semantic: np.ndarray) -> float:

@@ -322,17 +322,13 @@ def test_drop_faint_removes_only_faint_instances_and_renumbers():
     assert (postprocess({"semantic": semantic}, PostSettings(min_confidence=0.8)) > 0).sum() == 72
 
 
-@pytest.mark.parametrize("radius", [8, 40])
-def test_one_head_splits_nuclei_alike_at_any_size(radius):
-    # a distance peak counts by its height as a share of the nucleus size, not in pixels: two
-    # touching nuclei split and a slightly waisted one stays whole, 16 or 80 pixels across
-    def blob(gap):
-        shape = (6 * radius, 8 * radius)
-        cy, cx = shape[0] // 2, shape[1] // 2
-        return disk(shape, (cy, cx - gap * radius / 2), radius) | disk(shape, (cy, cx + gap * radius / 2), radius)
-
-    def found(mask):
-        return int(postprocess({"semantic": mask.astype(np.float32)}, PostSettings()).max())
-
-    assert found(blob(1.6)) == 2   # two nuclei, touching at a neck
-    assert found(blob(0.7)) == 1   # one nucleus with a shallow waist (its halves rise 1.8 pixels at radius 40)
+@pytest.mark.parametrize("radius", [4, 10, 40])
+def test_one_head_splits_touching_nuclei_alike_at_any_size(radius):
+    # two nuclei touching at a neck 0.71 of their radius wide: 8 pixels across, their distance
+    # peaks rise less than a pixel above the neck, which a height in pixels took for one nucleus
+    shape = (6 * radius, 8 * radius)
+    cy, cx = shape[0] // 2, shape[1] // 2
+    pair = disk(shape, (cy, cx - 0.7 * radius), radius) | disk(shape, (cy, cx + 0.7 * radius), radius)
+    assert postprocess({"semantic": pair.astype(np.float32)}, PostSettings()).max() == 2
+    one = disk(shape, (cy, cx), radius)
+    assert postprocess({"semantic": one.astype(np.float32)}, PostSettings()).max() == 1

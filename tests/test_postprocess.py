@@ -330,5 +330,8 @@ def test_one_head_splits_touching_nuclei_alike_at_any_size(radius):
     cy, cx = shape[0] // 2, shape[1] // 2
     pair = disk(shape, (cy, cx - 0.7 * radius), radius) | disk(shape, (cy, cx + 0.7 * radius), radius)
     assert postprocess({"semantic": pair.astype(np.float32)}, PostSettings()).max() == 2
+    # peak_height = 1 is the old rule, a pixel whatever the size: the small pair stays one
+    old = postprocess({"semantic": pair.astype(np.float32)}, PostSettings(peak_height=1.0)).max()
+    assert old == (1 if radius == 4 else 2)
     one = disk(shape, (cy, cx), radius)
     assert postprocess({"semantic": one.astype(np.float32)}, PostSettings()).max() == 1

@@ -101,13 +101,15 @@ def _distance(mask: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_edt(mask).astype(np.float32)
 
 
-def seeds(probs: dict[str, np.ndarray], settings: PostConfig) -> tuple[np.ndarray, int]:
-    """int32 (H, W) seed labels 1..n (connected components, 4-connectivity) and n."""
+def seeds(probs: dict[str, np.ndarray], settings: PostConfig,
+          diameter: float | None = None) -> tuple[np.ndarray, int]:
+    """int32 (H, W) seed labels 1..n (connected components, 4-connectivity) and n. `diameter`: the
+    semantic map's `peak_diameter` when already known (it does not depend on `settings`)."""
     semantic, contour, marker = _check_probs(probs)
     mask = semantic > settings.threshold
     if contour is None:
         # distance-transform peaks: one per round blob, two for two touching round nuclei
-        return _distance_peaks(mask, peak_rise(semantic, settings))
+        return _distance_peaks(mask, peak_rise(semantic, settings, diameter))
     core = mask & ~(contour > settings.threshold_edge)
     if marker is not None:
         core &= marker > settings.threshold_mark
@@ -120,14 +122,14 @@ def seeds(probs: dict[str, np.ndarray], settings: PostConfig) -> tuple[np.ndarra
             lab, _, _ = relabel_sequential(np.where(keep[lab], lab, 0))
             n = int(keep[1:].sum())
     if settings.seed_peaks and n:
-        return _split_at_peaks(lab, n, peak_rise(semantic, settings))
+        return _split_at_peaks(lab, n, peak_rise(semantic, settings, diameter))
     return lab.astype(np.int32), int(n)
 
 
-def peak_rise(semantic: np.ndarray, settings: PostConfig) -> float:
+def peak_rise(semantic: np.ndarray, settings: PostConfig, diameter: float | None = None) -> float:
     """How high (pixels) a distance peak must rise to seed a nucleus of its own: `[post] peak_height`
-    times the image's median nucleus diameter, at most PEAK_MAX."""
-    return min(PEAK_MAX, settings.peak_height * peak_diameter(semantic))
+    times the image's median nucleus diameter (`diameter`, else `peak_diameter`), at most PEAK_MAX."""
+    return min(PEAK_MAX, settings.peak_height * (peak_diameter(semantic) if diameter is None else diameter))
 
 
 def peak_diameter(semantic: np.ndarray) -> float:
@@ -353,12 +355,14 @@ def fill_instance_holes(labels: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 
-def postprocess(probs: dict[str, np.ndarray], settings: PostConfig) -> np.ndarray:
-    """int32 (H, W) instance labels 1..n (0 background) from the probability maps of 1-3 heads."""
+def postprocess(probs: dict[str, np.ndarray], settings: PostConfig, diameter: float | None = None) -> np.ndarray:
+    """int32 (H, W) instance labels 1..n (0 background) from the probability maps of 1-3 heads.
+    `diameter`: the semantic map's `peak_diameter` when already known (tuning post-processes one
+    map with many settings; the estimate depends on the map alone)."""
     semantic, _, _ = _check_probs(probs)
     if settings.semantic_only:
         probs = {"semantic": semantic}
-    seed_labels, n_seeds = seeds(probs, settings)
+    seed_labels, n_seeds = seeds(probs, settings, diameter)
     fg = foreground(probs, settings, seed_labels)
     if not fg.any():
         return np.zeros(semantic.shape, np.int32)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from atomic import atomic_path
 from config import Config, InputError, PostConfig, check_field  # the config files' own value checks
 from metrics import match
-from postprocess import drop_faint, postprocess
+from postprocess import drop_faint, peak_diameter, postprocess
 
 TUNE_GRID = {"threshold": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9), "threshold_edge": (0.3, 0.5, 0.7),
              "threshold_mark": (0.3, 0.5, 0.7), "seed_peaks": (False, True), "policy": ("ws", "rw"),
@@ -58,9 +58,11 @@ def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = Fal
     confidences = grid.get("min_confidence", (base.min_confidence,))
     posts = [dataclasses.replace(base, **dict(zip(others, values)), min_confidence=0.0)
              for values in itertools.product(*others.values())]
-    # forked workers inherit `items` through _ITEMS: only each setting and its scores cross processes
+    # forked workers inherit `items` (and each map's nucleus diameter for the distance peaks, which
+    # no setting changes: estimated once here) through _ITEMS: only settings and scores cross processes
     global _ITEMS
-    _ITEMS, work = items, functools.partial(_score_setting, confidences=confidences)
+    _ITEMS = [(probs, truth, peak_diameter(probs["semantic"])) for probs, truth in items]
+    work = functools.partial(_score_setting, confidences=confidences)
     workers = min(workers, len(posts))
     try:
         if workers > 1 and sys.platform.startswith("linux"):  # fork: safe there, not on macOS
@@ -76,15 +78,15 @@ def tune(items: list, heads: set[str], base: PostConfig, keep_policy: bool = Fal
     return settings[pick], float(np.mean(scores[pick]))
 
 
-_ITEMS = None  # the (probs, truth) pairs that forked tuning workers share
+_ITEMS = None  # the (probs, truth, diameter) triples that forked tuning workers share
 
 
 def _score_setting(post: PostConfig, confidences: tuple) -> list[list[float]]:
     """Per-image DSB scores of one post-processing setting on `_ITEMS`, one row per `min_confidence`."""
     items = _ITEMS
-    labels = [postprocess(probs, post) for probs, _ in items]
+    labels = [postprocess(probs, post, diameter) for probs, _, diameter in items]
     return [[match(truth, drop_faint(found, probs["semantic"], confidence)).dsb
-             for found, (probs, truth) in zip(labels, items)] for confidence in confidences]
+             for found, (probs, truth, _) in zip(labels, items)] for confidence in confidences]
 
 
 def change(post: PostConfig, base: PostConfig, grid: dict[str, tuple]) -> float:

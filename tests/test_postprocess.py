@@ -335,3 +335,14 @@ def test_one_head_splits_touching_nuclei_alike_at_any_size(radius):
     assert old == (1 if radius == 4 else 2)
     one = disk(shape, (cy, cx), radius)
     assert postprocess({"semantic": one.astype(np.float32)}, PostSettings()).max() == 1
+
+
+def test_a_known_diameter_gives_the_labels_of_the_estimate():
+    # tuning estimates each map's diameter once and passes it; the labels must be those of the estimate
+    shape = (48, 64)
+    pair = disk(shape, (24, 32 - 2.8), 4) | disk(shape, (24, 32 + 2.8), 4)  # touching, 8 pixels across
+    probs = {"semantic": pair.astype(np.float32)}
+    known = pp.peak_diameter(probs["semantic"])
+    np.testing.assert_array_equal(postprocess(probs, PostSettings(), known), postprocess(probs, PostSettings()))
+    # and it is used: a diameter forty times larger caps the peak height at a pixel, merging the pair
+    assert postprocess(probs, PostSettings(), 40 * known).max() == 1 < postprocess(probs, PostSettings()).max()

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from config import InputError, PreConfig, ValidConfig
 from dataset.augment import prepare_image, prepare_key, to_tensor_image
-from dataset.sizes import estimate_diameter, size_factor
+from dataset.sizes import FACTOR_MIN, estimate_diameter, size_factor
+from dataset.sizes import THRESHOLD as SIZE_THRESHOLD
 from dataset.tiles import tile_origins
 
 View = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
@@ -41,6 +42,18 @@ View = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], to
 # map, and so the estimate, is the most trustworthy.
 SIZE_PASSES = 3
 SIZE_TOLERANCE = 1.25
+# Nuclei far larger than the network's window come out of a pass at the image's own scale as
+# fragments: a fraction of their area, which the estimate reads as nuclei of about the training
+# size, so the passes stopped at once and the image was predicted at the wrong scale, shattered
+# (docs/results.md, session 14). So the first pass also sees the image at 1/2, 1/4, ... of its
+# size (down to FACTOR_MIN, sides of COARSE_MIN_SIDE pixels at least), and a coarser view takes
+# over from a finer one when it marks at least COARSE_GAIN times as much foreground and still sees
+# nuclei at least COARSE_MIN_SEEN times the target across. An image at the right scale marks
+# about as much foreground at half size (1.0 to 1.25 times on DSB2018), and where halving makes
+# its nuclei too small to see, blobs that merge, its estimate there falls below the bound.
+COARSE_GAIN = 1.5
+COARSE_MIN_SEEN = 0.5
+COARSE_MIN_SIDE = 64
 
 
 @dataclass(frozen=True)
@@ -225,25 +238,44 @@ def prediction_diameter(pre: PreConfig, valid: ValidConfig) -> float:
     return prediction_diameters(pre, valid)[0]
 
 
+def _look(model, image: torch.Tensor, valid: ValidConfig, width: int,
+          factor: float) -> tuple[float | None, float, float]:
+    """One estimation pass at `factor`: (median nucleus diameter seen, in the rescaled image's pixels,
+    or None; the share of its pixels marked nucleus; the scale actually applied, from the rounded size)."""
+    h, w = image.shape[-2:]
+    size = scaled_size(h, w, factor)
+    semantic = predict_model(model, rescale_image(image, size), valid, width)["semantic"].float().cpu().numpy()
+    return estimate_diameter(semantic), float((semantic > SIZE_THRESHOLD).mean()), math.sqrt(size[0] * size[1] / (h * w))
+
+
 def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int, target: float,
                    passes: int = SIZE_PASSES) -> tuple[float | None, float]:
     """(estimated median nucleus diameter in the image's own pixels, or None when no pass saw a
     nucleus; the rescale factor that brings it to `target`, clamped as `dataset.sizes.size_factor`).
 
-    Passes without TTA: the first at the image's own scale, each further one at the factor the last
-    estimate gave, `passes` at most (see SIZE_PASSES). An image far from the network's scale, whose
-    first estimate is off, is thus measured again nearer the right scale before it is predicted.
+    Passes without TTA: the first at the image's own scale and, in its place, at the coarsest of
+    1/2, 1/4, ... where the network still finds more of the nuclei (see COARSE_GAIN); each further
+    pass at the factor the last estimate gave, `passes` in all at most (see SIZE_PASSES). An image
+    far from the network's scale, whose first estimate is off, is thus measured again nearer the
+    right scale before it is predicted.
     """
     quick = dataclasses.replace(valid, test_time_augment=False, tta_rotate=False)
     h, w = image.shape[-2:]
-    diameter, factor = None, 1.0
-    for _ in range(passes):
-        size = scaled_size(h, w, factor)
-        semantic = predict_model(model, rescale_image(image, size), quick, width)["semantic"]
-        seen = estimate_diameter(semantic.float().cpu().numpy())
+    seen, area, scale = _look(model, image, quick, width, 1.0)
+    coarse = 0.5
+    while seen is not None and coarse >= FACTOR_MIN and min(scaled_size(h, w, coarse)) >= COARSE_MIN_SIDE:
+        finer = _look(model, image, quick, width, coarse)
+        if finer[0] is None or finer[1] < COARSE_GAIN * area or finer[0] < COARSE_MIN_SEEN * target:
+            break
+        seen, area, scale = finer
+        coarse /= 2
+    diameter, factor = None, scale  # scale: that of the pass that gave `seen` (1 when it saw none)
+    for done in range(passes):
+        if done:
+            seen, _, scale = _look(model, image, quick, width, factor)
         if seen is None:
             break  # no nucleus at this scale: the last estimate stands (none at all: factor 1)
-        diameter = seen / math.sqrt(size[0] * size[1] / (h * w))
+        diameter = seen / scale
         previous, factor = factor, size_factor(diameter, target)
         if abs(math.log(seen / target)) <= math.log(SIZE_TOLERANCE) or factor == previous:
             break

@@ -46,11 +46,12 @@ SIZE_TOLERANCE = 1.25
 # fragments: a fraction of their area, which the estimate reads as nuclei of about the training
 # size, so the passes stopped at once and the image was predicted at the wrong scale, shattered
 # (docs/results.md, session 14). So the first pass also sees the image at 1/2, 1/4, ... of its
-# size (down to FACTOR_MIN, sides of COARSE_MIN_SIDE pixels at least), and a coarser view takes
-# over from a finer one when it marks at least COARSE_GAIN times as much foreground and still sees
-# nuclei at least COARSE_MIN_SEEN times the target across. An image at the right scale marks
-# about as much foreground at half size (1.0 to 1.25 times on DSB2018), and where halving makes
-# its nuclei too small to see, blobs that merge, its estimate there falls below the bound.
+# size (down to FACTOR_MIN, sides of COARSE_MIN_SIDE pixels at least). Where the network sees
+# nuclei whole, the share of the image it marks as nucleus hardly depends on the scale (1.0 to
+# 1.25 times as much at half size on DSB2018); where it sees fragments, that share falls. The
+# estimate comes from the finest view that marks at least 1 / COARSE_GAIN of the most any view
+# marks, counting only views that see nuclei at least COARSE_MIN_SEEN times the target across
+# (an image shrunk until its nuclei are specks marks blurred, merged blobs).
 COARSE_GAIN = 1.5
 COARSE_MIN_SEEN = 0.5
 COARSE_MIN_SIDE = 64
@@ -253,22 +254,24 @@ def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int, t
     """(estimated median nucleus diameter in the image's own pixels, or None when no pass saw a
     nucleus; the rescale factor that brings it to `target`, clamped as `dataset.sizes.size_factor`).
 
-    Passes without TTA: the first at the image's own scale and, in its place, at the coarsest of
-    1/2, 1/4, ... where the network still finds more of the nuclei (see COARSE_GAIN); each further
-    pass at the factor the last estimate gave, `passes` in all at most (see SIZE_PASSES). An image
+    Passes without TTA: the first at the image's own scale and at 1/2, 1/4, ..., of which the finest
+    that marks about as much of the image as nucleus as any gives the first estimate (see
+    COARSE_GAIN); each further pass at the factor the last estimate gave, `passes` in all at most
+    (SIZE_PASSES; the coarser views of the first count as one). An image
     far from the network's scale, whose first estimate is off, is thus measured again nearer the
     right scale before it is predicted.
     """
     quick = dataclasses.replace(valid, test_time_augment=False, tta_rotate=False)
     h, w = image.shape[-2:]
-    seen, area, scale = _look(model, image, quick, width, 1.0)
+    views = [_look(model, image, quick, width, 1.0)]
     coarse = 0.5
-    while seen is not None and coarse >= FACTOR_MIN and min(scaled_size(h, w, coarse)) >= COARSE_MIN_SIDE:
-        finer = _look(model, image, quick, width, coarse)
-        if finer[0] is None or finer[1] < COARSE_GAIN * area or finer[0] < COARSE_MIN_SEEN * target:
-            break
-        seen, area, scale = finer
+    while coarse >= FACTOR_MIN and min(scaled_size(h, w, coarse)) >= COARSE_MIN_SIDE:
+        views.append(_look(model, image, quick, width, coarse))
         coarse /= 2
+    whole = [v for v in views[1:] if v[0] is not None and v[0] >= COARSE_MIN_SEEN * target]
+    most = max([v[1] for v in whole], default=0.0)
+    seen, _, scale = next((v for v in views if v[1] * COARSE_GAIN >= most and (v is views[0] or any(v is u for u in whole))),
+                          views[0])
     diameter, factor = None, scale  # scale: that of the pass that gave `seen` (1 when it saw none)
     for done in range(passes):
         if done:

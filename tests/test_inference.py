@@ -199,3 +199,36 @@ def test_size_norm_refuses_the_resize_to_width(cfg):
     member = Member(PixelModel(), cfg.replace("pre", size_norm=True).pre, "ckpt.pkl")
     with pytest.raises(InputError, match="ckpt.pkl was trained with \\[pre\\] size_norm.*pred_orig_size = True"):
         predict_image([member], torch.rand(3, 32, 32), cfg.replace("valid", pred_orig_size=False).valid)
+
+
+class WindowModel(PixelModel):
+    """A stand-in network with a limited window: a bright blob that holds a `window`-pixel square is
+    too large for it to see whole, and it marks only a sparse grid of 16-pixel squares on it
+    (fragments about the size of a usual nucleus, a ninth of the blob); smaller blobs it marks
+    whole. The grid is fixed in the input's pixels, whatever the scale the image is given at."""
+    window = 33
+
+    def predict(self, x):
+        bright = (x[:, :1] > 0.5).float()
+        pool = torch.nn.functional.max_pool2d
+        eroded = -pool(-bright, self.window, stride=1, padding=self.window // 2)
+        large = pool(eroded, self.window, stride=1, padding=self.window // 2) > 0.5
+        h, w = x.shape[-2:]
+        grid = ((torch.arange(h)[:, None] % 48 < 16) & (torch.arange(w)[None] % 48 < 16)).float()
+        semantic = torch.where(large, grid, bright)
+        return {"semantic": semantic.clamp(0.02, 0.98), "contour": torch.zeros_like(semantic)}
+
+
+@pytest.mark.parametrize("diameter", [120, 16])
+def test_nuclei_too_large_for_the_window_are_measured_at_a_coarser_view(cfg, diameter):
+    # at its own scale the image of 120-pixel nuclei shows the network only nucleus-sized fragments,
+    # which the passes used to take for nuclei of the target size (an estimate near 18, the image
+    # predicted about as it was); half and a quarter of the size show them whole. Nuclei the
+    # network sees whole at the image's own scale are measured there, as before.
+    image = bright_disks(diameter, (480, 480))
+    pre = cfg.replace("pre", size_norm=True, nucleus_diameter=20).pre
+    sizes = {}
+    predict_image([Member(WindowModel(), pre, "m")], image, cfg.valid, sizes=sizes)
+    estimated, factor = sizes["m"]
+    assert estimated == pytest.approx(diameter, rel=0.1)
+    assert factor == pytest.approx(20 / diameter, rel=0.1)

@@ -133,7 +133,7 @@ def prepare_key(pre: PreConfig | None) -> tuple | None:
 
 # part of the disk cache's key for prepared images (NucleiDataset.prepared): raise it whenever
 # prepare_image or the functions it calls change what they return
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2  # 2: invert_bright leaves colour images alone after a stain view made them grey
 
 
 def prepares_nothing(pre: PreConfig) -> bool:
@@ -143,10 +143,16 @@ def prepares_nothing(pre: PreConfig) -> bool:
 
 def prepare_image(image: np.ndarray, pre: PreConfig) -> np.ndarray:
     """Deterministic whole-image preprocessing, the same for training and prediction:
-    `[pre] stain_norm`, `invert_bright`, `stretch` then `clahe`. RGB uint8 (H, W, 3) in and out."""
+    `[pre] stain_norm`, `invert_bright`, `stretch` then `clahe`. RGB uint8 (H, W, 3) in and out.
+
+    `invert_bright` inverts only images that are grey as they come (brightfield): a colour image
+    that a stain view has made grey already shows its nuclei bright, and tissue that fills the
+    frame has a view whose median can pass the brightfield threshold (2 of DSB2018's 107 colour
+    images), which inverted it back to dark nuclei unlike every other colour image."""
+    grey = not is_colour(image)
     if pre.stain_norm != "off":
         image = STAIN_VIEWS[pre.stain_norm](image)
-    if pre.invert_bright:
+    if pre.invert_bright and grey:
         image = invert_if_bright(image)
     if pre.stretch:
         image = stretch_contrast(image)

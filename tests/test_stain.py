@@ -7,6 +7,7 @@ import torch
 from config import ConfigError, load_config
 from dataset.augment import (haematoxylin_view, hed_jitter, hed_to_rgb, invert_if_bright,
                              inverted_grey_view, prepare_image, prepare_key, rgb_to_hed, to_tensor_image)
+from dataset.families import BRIGHT_MEDIAN
 from dataset.io import list_samples, read_image
 from tests.conftest import SAMPLE, disk, make_sample
 
@@ -83,6 +84,22 @@ def test_invert_if_bright_inverts_brightfield_only():
     assert invert_if_bright(dark) is dark
     colour = stained()
     assert invert_if_bright(colour) is colour
+
+
+def test_a_stain_view_of_tissue_filling_the_frame_is_not_inverted_back():
+    # tinted tissue over the whole frame, a small white gap and purple nuclei: the view puts the
+    # tissue in the middle of the grey range, above the brightfield threshold, and invert_bright
+    # used to turn the view's bright nuclei dark again; a grey brightfield image is still inverted
+    tissue = stained(background=(200, 120, 180))
+    tissue[:10, 38:] = 255
+    nuclei, rest = disk(tissue.shape[:2], (30, 34), 5), ~disk(tissue.shape[:2], (30, 34), 8)
+    pre = pre_cfg(stain_norm="inverted_grey", invert_bright=True, stretch=False).pre
+    view = inverted_grey_view(tissue)
+    assert np.median(view.mean(axis=2)) >= BRIGHT_MEDIAN  # what made the old rule invert it
+    out = prepare_image(tissue, pre)[..., 0].astype(int)
+    assert out[nuclei].mean() > out[rest].mean() + 20
+    bright = 255 - grey()
+    assert np.array_equal(prepare_image(bright, pre), grey())
 
 
 def pre_cfg(**pre):

@@ -47,11 +47,13 @@ SIZE_TOLERANCE = 1.25
 # size, so the passes stopped at once and the image was predicted at the wrong scale, shattered
 # (docs/results.md, session 14). So the first pass also sees the image at 1/2, 1/4, ... of its
 # size (down to FACTOR_MIN, sides of COARSE_MIN_SIDE pixels at least). Where the network sees
-# nuclei whole, the share of the image it marks as nucleus hardly depends on the scale (1.0 to
-# 1.25 times as much at half size on DSB2018); where it sees fragments, that share falls. The
-# estimate comes from the finest view that marks at least 1 / COARSE_GAIN of the most any view
-# marks, counting only views that see nuclei at least COARSE_MIN_SEEN times the target across
-# (an image shrunk until its nuclei are specks marks blurred, merged blobs).
+# nuclei whole, the share of the image it marks as nucleus hardly depends on the scale; where it
+# sees fragments, that share falls. The estimate comes from the finest view that marks at least
+# 1 / COARSE_GAIN of the most any view marks, counting only views that see nuclei at least
+# COARSE_MIN_SEEN times the target across (an image shrunk until its nuclei are specks marks
+# blurred, merged blobs). Known mirror failure: a crowded image of small nuclei that the network
+# is unsure of at its own scale can merge into nucleus-sized clumps in a coarser view and be
+# measured there (three such images of split seed 1's 66, docs/results.md).
 COARSE_GAIN = 1.5
 COARSE_MIN_SEEN = 0.5
 COARSE_MIN_SIDE = 64

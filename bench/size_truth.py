@@ -54,15 +54,27 @@ def smooth_small(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def run_checkpoint(run: Path) -> Path:
+    """The checkpoint a bench/accuracy.py row scored: the last one it trained, or the one a
+    `--from-run` row linked into its folder (with its tuned [post] beside it)."""
+    from model.checkpoint import latest_checkpoint
+    folder = run / "checkpoint"
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
+        linked = sorted(folder.glob("*.pkl")) if folder.is_dir() else []
+        if len(linked) != 1:
+            raise SystemExit(f"error: {folder}: no checkpoint, or an ensemble of {len(linked)}; "
+                             "run bench/accuracy.py first, with one --from-run at most")
+        checkpoint = linked[0]
+    return checkpoint
+
+
 def write_labels(run: Path, dataset: str, folder: Path) -> None:
-    """The run's last checkpoint's label images for `dataset`, written once by valid.py (tuned [post])."""
+    """The run's checkpoint's label images for `dataset`, written once by valid.py (tuned [post])."""
     if folder.is_dir():
         return
     import valid
-    from model.checkpoint import latest_checkpoint
-    checkpoint = latest_checkpoint(run / "checkpoint")
-    if checkpoint is None:
-        raise SystemExit(f"error: {run / 'checkpoint'}: no checkpoint; run bench/accuracy.py first")
+    checkpoint = run_checkpoint(run)
     valid.main([str(checkpoint), "--dataset", dataset, "--labels", str(folder), "--label-format", "png",
                 "--no-figures", "--config", str(run / "settings.ini")])
 
@@ -74,11 +86,10 @@ def true_scale_scores(run: Path, name: str) -> tuple[float, float]:
     from config import load_config
     from dataset.sizes import median_diameter, size_factor
     from inference import estimate_scale, member_input, predict_normalised, prediction_diameter
-    from model.checkpoint import latest_checkpoint
     from postprocess import postprocess
     from tuning import resolve_post
     from valid import load_members
-    checkpoint = latest_checkpoint(run / "checkpoint")
+    checkpoint = run_checkpoint(run)
     members, cfg = load_members([checkpoint], load_config(run / "settings.ini"), torch.device("cpu"), False)
     member = members[0]
     post, _ = resolve_post(cfg, checkpoint, True)

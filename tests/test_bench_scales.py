@@ -68,6 +68,11 @@ def test_size_truth_reads_a_finished_run_and_reports_the_rows_scores(bench, caps
     assert capsys.readouterr().out == ""  # refused before anything is scored
     with pytest.raises(SystemExit, match="valid_x2"):
         size_truth.main([str(bench / "work" / "unet"), "--factor", "2"])
+    # a row that scored the same checkpoint again (--from-run) is read as well
+    again = run("--from-run", "unet", "--name", "again")
+    capsys.readouterr()
+    size_truth.main([str(bench / "work" / "again"), "--factor", "0.5"])
+    assert f"| network on the x0.5 images | {again['dsb_x0.5']:.3f} |" in capsys.readouterr().out
 
 
 def test_smooth_and_nearest_halving_undo_a_nearest_doubling():

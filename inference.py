@@ -259,9 +259,9 @@ def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int, t
     Passes without TTA: the first at the image's own scale and at 1/2, 1/4, ..., of which the finest
     that marks about as much of the image as nucleus as any gives the first estimate (see
     COARSE_GAIN); each further pass at the factor the last estimate gave, `passes` in all at most
-    (SIZE_PASSES; the coarser views of the first count as one). An image
-    far from the network's scale, whose first estimate is off, is thus measured again nearer the
-    right scale before it is predicted.
+    (SIZE_PASSES; the coarser views of the first count as one). An image far from the network's
+    scale, whose first estimate is off, is thus measured again nearer the right scale before it is
+    predicted.
     """
     quick = dataclasses.replace(valid, test_time_augment=False, tta_rotate=False)
     h, w = image.shape[-2:]
@@ -270,10 +270,11 @@ def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int, t
     while coarse >= FACTOR_MIN and min(scaled_size(h, w, coarse)) >= COARSE_MIN_SIDE:
         views.append(_look(model, image, quick, width, coarse))
         coarse /= 2
-    whole = [v for v in views[1:] if v[0] is not None and v[0] >= COARSE_MIN_SEEN * target]
-    most = max([v[1] for v in whole], default=0.0)
-    seen, _, scale = next((v for v in views if v[1] * COARSE_GAIN >= most and (v is views[0] or any(v is u for u in whole))),
-                          views[0])
+    # the image's own view and the coarser ones that see whole nuclei, finest first; the coarser
+    # view that marks the most always qualifies, so one is found
+    candidates = [views[0]] + [v for v in views[1:] if v[0] is not None and v[0] >= COARSE_MIN_SEEN * target]
+    most = max(v[1] for v in candidates[1:]) if len(candidates) > 1 else 0.0
+    seen, _, scale = next(v for v in candidates if v[1] * COARSE_GAIN >= most)
     diameter, factor = None, scale  # scale: that of the pass that gave `seen` (1 when it saw none)
     for done in range(passes):
         if done:

@@ -15,7 +15,8 @@ that standard deviation, then thresholded at 0.5 by the estimator. Touching nucl
 so the estimator has to cut them apart itself. With --checkpoint, the image itself is rescaled
 (area averaging when it shrinks, bilinear when it grows) and the estimate comes from the
 network's semantic map as prediction makes it (`inference.estimate_scale`): after the first pass
-at the image's own scale, and after all the passes. Prints, per scale, the ratio estimate /
+(the image's own scale and its coarser views, of which the rule picks one), and after all the
+passes. Prints, per scale, the ratio estimate /
 truth: its median, the share of images within 10 % and 20 %, its 5th and 95th percentiles and
 the worst image, and the seconds per image. Torch is imported only for --checkpoint.
 """

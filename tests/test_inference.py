@@ -222,8 +222,8 @@ class WindowModel(PixelModel):
 @pytest.mark.parametrize("diameter", [120, 16])
 def test_nuclei_too_large_for_the_window_are_measured_at_a_coarser_view(cfg, diameter):
     # at its own scale the image of 120-pixel nuclei shows the network only nucleus-sized fragments,
-    # which the passes used to take for nuclei of the target size (an estimate near 18, the image
-    # predicted about as it was); half and a quarter of the size show them whole. Nuclei the
+    # which the passes used to take for nuclei of about the target size (the old estimate: 12
+    # pixels); half and a quarter of the size show them whole. Nuclei the
     # network sees whole at the image's own scale are measured there, as before.
     image = bright_disks(diameter, (480, 480))
     pre = cfg.replace("pre", size_norm=True, nucleus_diameter=20).pre

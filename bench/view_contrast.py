@@ -9,7 +9,10 @@ training and prediction use where there are any, and the nuclei's pixels (the un
 are set against the rest by Cohen's d: the difference of the two means over their pooled standard
 deviation. A larger d is a view in which a threshold separates nuclei from background better. The
 script prints, per family and view, the median d over the images and its 10th percentile. Pixels
-only: it says nothing of how well touching nuclei can be told apart.
+only: it says nothing of how well touching nuclei can be told apart. It also counts the images
+whose inverted-luminance view has a median at or above the brightfield threshold
+(`dataset.families.BRIGHT_MEDIAN`): those that `[pre] invert_bright` inverted back to dark nuclei
+before it was limited to images grey as they come (docs/results.md, session 14).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dataset.augment import haematoxylin_view, inverted_grey_view  # noqa: E402
-from dataset.families import is_colour, sample_families  # noqa: E402
+from dataset.families import BRIGHT_MEDIAN, is_colour, sample_families  # noqa: E402
 from dataset.io import list_samples, read_sample  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "dsb2018" / "stage1_train"
@@ -56,12 +59,14 @@ def main(argv=None) -> dict[str, dict[str, list[float]]]:
             raise SystemExit(f"error: no image of family {family} in {args.data} "
                              f"(families: {', '.join(sorted(set(families.values())))})")
         scores: dict[str, list[float]] = {view: [] for view in VIEWS}
+        bright_views = 0
         for sample in chosen:
             image, labels = read_sample(sample)
             if not is_colour(image) or not (labels > 0).any() or (labels > 0).all():
                 continue
             for view, make in VIEWS.items():
                 scores[view].append(cohens_d(make(image), labels > 0))
+            bright_views += bool(np.median(inverted_grey_view(image).mean(axis=2)) >= BRIGHT_MEDIAN)
         counted = len(scores[next(iter(VIEWS))])
         if not counted:
             raise SystemExit(f"error: family {family} of {args.data} has no colour image with both nuclei and "
@@ -70,6 +75,7 @@ def main(argv=None) -> dict[str, dict[str, list[float]]]:
         print(f"{family} ({counted} colour images): Cohen's d, median (10th percentile)")
         for view, values in scores.items():
             print(f"  {view:28s} {np.median(values):.2f} ({np.percentile(values, 10):.2f})")
+        print(f"  inverted_grey views with a median of {BRIGHT_MEDIAN:g} or more: {bright_views} of {counted}")
     return out
 
 

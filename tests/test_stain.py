@@ -203,7 +203,18 @@ def test_view_contrast_bench_measures_each_view_on_the_named_family(tmp_path, ca
     assert set(scores) == {"colour_white"}
     for view in ("stain_norm = hematoxylin", "stain_norm = inverted_grey"):
         assert len(scores["colour_white"][view]) == 2 and min(scores["colour_white"][view]) > 3
-    assert "colour_white (2 colour images)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "colour_white (2 colour images)" in out
+    assert "inverted_grey views with a median of 100 or more: 0 of 2" in out  # white background: dark view
+    # tissue filling the frame (the invert_bright test's image): its view is counted
+    tissue_root = tmp_path / "tissue"
+    tissue_root.mkdir()
+    tissue = stained(background=(200, 120, 180))
+    tissue[:10, 38:] = 255
+    make_sample(tissue_root, "tissue", tissue[..., ::-1].copy(), [disk((48, 48), (30, 34), 5)])
+    family = next(iter(view_contrast.sample_families(list_samples(tissue_root)).values()))
+    view_contrast.main([str(tissue_root), "--families", family])
+    assert "inverted_grey views with a median of 100 or more: 1 of 1" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no image of family colour_tinted"):
         view_contrast.main([str(root), "--families", "colour_tinted"])
     grey_root = tmp_path / "grey"

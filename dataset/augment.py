@@ -148,7 +148,8 @@ def prepare_image(image: np.ndarray, pre: PreConfig) -> np.ndarray:
     `invert_bright` inverts only images that are grey as they come (brightfield): a colour image
     that a stain view has made grey already shows its nuclei bright, and tissue that fills the
     frame has a view whose median can pass the brightfield threshold (2 of DSB2018's 107 colour
-    images), which inverted it back to dark nuclei unlike every other colour image."""
+    images, counted by bench/view_contrast.py), which inverted it back to dark nuclei unlike every
+    other colour image."""
     grey = not is_colour(image)
     if pre.stain_norm != "off":
         image = STAIN_VIEWS[pre.stain_norm](image)

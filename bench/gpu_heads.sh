@@ -12,8 +12,9 @@
 #   RECIPE=configs/cpu_recipe_v8.ini MODELS=unet HOLD_OUT=colour_tinted BUDGET=4 bash bench/gpu_heads.sh DATA
 # MODELS picks from unet, caunet, camunet and camunet_hw (CAMUNet with configs/ablation/head_weights.ini);
 # each row is named <v>_<model>_gpu, or <v>_<model>_gpu<BUDGET> when BUDGET is not the default, where
-# <v> is the recipe's name after cpu_recipe_ (v5 by default). TUNE_WORKERS=N passes
-# --tune-workers N to valid.py (default: every CPU, for each run).
+# <v> is the recipe's name after cpu_recipe_ (v5 by default), and TAG (default empty) after it.
+# CONFIGS: more settings files stacked on each run (e.g. configs/ablation/seed2.ini). TUNE_WORKERS=N
+# passes --tune-workers N to valid.py (default: every CPU, for each run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/dsb2018/stage1_train}
@@ -28,6 +29,10 @@ SUFFIX=gpu; [ "$BUDGET" = 2.5 ] || SUFFIX=gpu$BUDGET
 WORKERS=${WORKERS:-4}   # loader workers per run; three runs share the machine's cores
 VALID_ARGS=--keep-policy; [ -z "${TUNE_WORKERS:-}" ] || VALID_ARGS="$VALID_ARGS --tune-workers $TUNE_WORKERS"
 HOLD=(); [ -z "${HOLD_OUT:-}" ] || HOLD=(--hold-out-family "$HOLD_OUT")
+STACK=(); for file in ${CONFIGS:-}; do
+    [ -f "$file" ] || { echo "gpu_heads.sh: CONFIGS: no file $file" >&2; exit 2; }
+    STACK+=(--config "$file")
+done
 WORK=out/gpu_heads${HOLD_OUT:+_$HOLD_OUT}
 mkdir -p "$WORK"
 # the budget, not the epoch count, ends each run; validation only at its end
@@ -45,8 +50,8 @@ for model in $MODELS; do
         camunet_hw) extra=(--config configs/ablation/camunet.ini --config configs/ablation/head_weights.ini) ;;
         *) echo "gpu_heads.sh: MODELS: unknown model '$model' (unet, caunet, camunet, camunet_hw)" >&2; exit 2 ;;
     esac
-    "$PY" bench/accuracy.py --config "$RECIPE" "${extra[@]}" --config "$WORK/gpu.ini" "${HOLD[@]}" \
-        --budget "$BUDGET" --data "$DATA" --work "$WORK" --name "${VERSION}_${model}_$SUFFIX" \
+    "$PY" bench/accuracy.py --config "$RECIPE" "${extra[@]}" "${STACK[@]}" --config "$WORK/gpu.ini" "${HOLD[@]}" \
+        --budget "$BUDGET" --data "$DATA" --work "$WORK" --name "${VERSION}_${model}_$SUFFIX${TAG:-}" \
         --valid-args="$VALID_ARGS" --results "$RESULTS.$model" > "$WORK/$model.log" 2>&1 &
 done
 status=0

@@ -21,11 +21,17 @@ per image type, F1 at IoU 0.5, inference seconds per image, and the tuning grid 
 Rows made before the tune split existed (tune_protocol empty) tuned on training images.
 
 The size test set (`--scales 3 0.5`): the validation split rescaled by each factor (images with
-area averaging when they shrink and bilinear interpolation when they grow, masks with nearest
-neighbour; a nucleus that vanishes is dropped), scored like the split itself and added to the row
-as `dsb_x3`, `dsb_x0.5`. It asks how a model copes with nuclei of another size than it trained on.
-The rescaled copies are written once, in the DSB2018 layout, under `<work>/scaled/` (named by the
-split's image ids and the factor) and reused by every later row on the same split.
+area averaging when they shrink and bilinear interpolation when they grow; masks with nearest
+neighbour when they grow, and when they shrink one nucleus at a time by area averaging, kept where
+it covers at least half a pixel (`--shrink-truth smooth`, the default since session 15; `nearest`
+is the set of earlier rows); a nucleus that vanishes is dropped), scored like the split itself and
+added to the row as `dsb_x3`, `dsb_x0.5`, with the shrinking truth in `shrink_truth`. It asks how a
+model copes with nuclei of another size than it trained on. At half size a nucleus is 8 or 9
+pixels across and nearest neighbour keeps whichever of its boundary pixels the sampling grid
+happens to hit: a perfectly size-invariant network loses 0.05 to 0.07 against that truth
+(`bench/size_truth.py`, docs/results.md). The rescaled copies are written once, in the DSB2018
+layout, under `<work>/scaled/` (named by the split's image ids, the factor and `-smooth` for a
+smooth shrink) and reused by every later row on the same split.
 
 Leave one family out (`--hold-out-family colour_white`, or `--leave-one-out` for one row per family):
 the images are grouped into families by the fixed rule of `dataset/families.py` (colour or grey,
@@ -91,25 +97,50 @@ def scaled_name(factor: float) -> str:
     return f"x{factor:g}"
 
 
-def rescale_sample(image: np.ndarray, labels: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+SHRINK_TRUTHS = ("smooth", "nearest")
+
+
+def nearest_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Instance labels rescaled to `shape` (H, W) by nearest neighbour."""
+    return cv2.resize(labels.astype(np.int32), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+def smooth_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Instance labels rescaled to a smaller `shape` one instance at a time with area averaging, each
+    kept where it covers at least half of a pixel (later labels win the rare pixel two instances both
+    half cover)."""
+    out = np.zeros(shape, np.int32)
+    for n in np.unique(labels[labels > 0]):
+        cover = cv2.resize((labels == n).astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+        out[cover >= 0.5] = n
+    return out
+
+
+def rescale_sample(image: np.ndarray, labels: np.ndarray, factor: float,
+                   shrink_truth: str = "smooth") -> tuple[np.ndarray, np.ndarray]:
     """An image and its instance labels rescaled by `factor`: the image with area averaging when it
-    shrinks and bilinear interpolation when it grows, the labels with nearest neighbour."""
+    shrinks and bilinear interpolation when it grows; the labels with nearest neighbour when they
+    grow, and as `shrink_truth` says when they shrink ("smooth": `smooth_labels`)."""
+    if shrink_truth not in SHRINK_TRUTHS:
+        raise ValueError(f"shrink_truth must be one of {SHRINK_TRUTHS}, got {shrink_truth!r}")
     h, w = labels.shape
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    shape = (max(1, round(h * factor)), max(1, round(w * factor)))
     interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    return (cv2.resize(image, size, interpolation=interpolation),
-            cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST_EXACT))
+    smooth = factor < 1 and shrink_truth == "smooth"
+    return (cv2.resize(image, (shape[1], shape[0]), interpolation=interpolation),
+            smooth_labels(labels, shape) if smooth else nearest_labels(labels, shape))
 
 
-def scaled_split(samples, ids: list[str], factor: float, root: Path) -> Path:
+def scaled_split(samples, ids: list[str], factor: float, root: Path, shrink_truth: str = "smooth") -> Path:
     """The samples `ids` rescaled by `factor`, as a DSB2018-layout folder under `root`, written once.
 
-    The folder is named by the ids and the factor and built under a temporary name (atomic_dir),
-    so an existing one is complete and is reused. One mask PNG (fast compression level 1) per nucleus
-    left after the rescale.
+    The folder is named by the ids, the factor and, for a smooth shrink, `-smooth`, and built under a
+    temporary name (atomic_dir), so an existing one is complete and is reused. One mask PNG (fast
+    compression level 1) per nucleus left after the rescale.
     """
     digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:10]
-    folder = root / f"valid-{digest}-{scaled_name(factor)}"
+    smooth = "-smooth" if factor < 1 and shrink_truth == "smooth" else ""
+    folder = root / f"valid-{digest}-{scaled_name(factor)}{smooth}"
     if folder.is_dir():
         return folder
     by_id = {s.id: s for s in samples}
@@ -117,7 +148,7 @@ def scaled_split(samples, ids: list[str], factor: float, root: Path) -> Path:
     try:
         with atomic_dir(folder) as tmp:
             for sample_id in ids:
-                image, labels = rescale_sample(*read_sample(by_id[sample_id]), factor)
+                image, labels = rescale_sample(*read_sample(by_id[sample_id]), factor, shrink_truth)
                 (tmp / sample_id / "images").mkdir(parents=True)
                 (tmp / sample_id / "masks").mkdir()
                 cv2.imwrite(str(tmp / sample_id / "images" / f"{sample_id}.png"),
@@ -187,6 +218,10 @@ def main(argv=None):
     parser.add_argument("--scales", type=float, nargs="+", default=[], metavar="FACTOR",
                         help="also score the validation split rescaled by each factor (size test set), "
                         "as columns dsb_x<FACTOR>, e.g. --scales 3 0.5")
+    parser.add_argument("--shrink-truth", choices=SHRINK_TRUTHS, default="smooth",
+                        help="masks of a shrunk copy (factor below 1): each nucleus area-averaged and kept "
+                        "where it covers half a pixel (smooth, the default), or nearest neighbour (the "
+                        "set of rows before session 15)")
     parser.add_argument("--from-run", metavar="NAME", action="append", default=[],
                         help="no training: score the last checkpoint of the earlier run NAME (under --work) with "
                         "--config as extra settings; repeat it to score the ensemble of several runs")
@@ -258,7 +293,7 @@ def one_row(args, samples, family: str | None, families: dict[str, str]) -> dict
         raise SystemExit(f"error: --scales needs factors above 0, got {args.scales}")
     scaled = {}
     for factor in args.scales:
-        scaled[factor] = scaled_split(samples, valid_ids, factor, Path(args.work) / "scaled")
+        scaled[factor] = scaled_split(samples, valid_ids, factor, Path(args.work) / "scaled", args.shrink_truth)
         (work / "data" / f"valid_{scaled_name(factor)}").symlink_to(scaled[factor].resolve())
     if sources:
         settings = merged_settings([sources[0] / "settings.ini", *args.config], work)
@@ -345,6 +380,8 @@ def one_row(args, samples, family: str | None, families: dict[str, str]) -> dict
         row[f"n_{kind}"] = len(part)
     for factor, value in scaled_dsb.items():
         row[f"dsb_{scaled_name(factor)}"] = value
+    if any(factor < 1 for factor in scaled_dsb):
+        row["shrink_truth"] = args.shrink_truth
     append_row(Path(args.results), row)
     print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     return row

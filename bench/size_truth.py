@@ -2,23 +2,25 @@
 
     python3 bench/size_truth.py out/bench_s0/v5_size_norm_f32_s0 --factor 0.5
 
-`bench/accuracy.py --scales 0.5` scores a network on its validation split made half as large, with
-the masks rescaled by nearest neighbour. At that size a DSB2018 nucleus is 8 or 9 pixels across,
-and which of its boundary pixels survive depends on where the sampling grid falls. This script
-asks what a network that were perfectly size-invariant would score there: its own predictions on
-the full-size images, made small. It needs a finished accuracy.py run folder (`checkpoint/`,
-`settings.ini`, `data/valid` and `data/valid_x<FACTOR>`), writes the run's label images at both
-sizes once under `<run>/size_truth/` (valid.py --labels; about the time of scoring both sets), and
-prints the mean DSB score of
+`bench/accuracy.py --scales 0.5` scores a network on its validation split made half as large. At
+that size a DSB2018 nucleus is 8 or 9 pixels across, and if the masks are made small by nearest
+neighbour (`--shrink-truth nearest`, the set of rows before session 15), which of its boundary
+pixels survive depends on where the sampling grid falls. This script asks what a network that
+were perfectly size-invariant would score there: its own predictions on the full-size images, made
+small. It needs a finished accuracy.py run folder (`checkpoint/`, `settings.ini`, `data/valid` and
+`data/valid_x<FACTOR>`), writes the run's label images at both sizes once under
+`<run>/size_truth/` (valid.py --labels; about the time of scoring both sets), and prints the mean
+DSB score of
 
-- the network on the rescaled images (what the benchmark's `dsb_x<FACTOR>` column reports),
-- its full-size labels made small by nearest neighbour (as the benchmark makes the truth), and
+- the network on the rescaled images (what the benchmark's `dsb_x<FACTOR>` column reports, against
+  the truth the set was made with),
+- its full-size labels made small by nearest neighbour, and
 - its full-size labels made small one nucleus at a time by area averaging, kept where at least half
-  of a pixel is covered (a smooth rescale),
+  of a pixel is covered (a smooth rescale, as `--shrink-truth smooth` makes the set's masks),
 
-each against the benchmark's rescaled truth and against the full-size truth made small the smooth
-way, and the two truths against each other. Where the full-size labels made small score as low
-as the rescaled prediction, the gap is the test set's resampling, not a lack of size invariance.
+each against the full-size truth made small both ways (whichever way the set itself was made), and
+the two truths against each other. Where the full-size labels made small score as low as the
+rescaled prediction, the gap is the test set's resampling, not a lack of size invariance.
 
 With --true-scale (a checkpoint trained with `[pre] size_norm`), the rescaled images are also
 predicted at the factor their true masks give (`dataset.sizes.median_diameter`) instead of the
@@ -35,23 +37,9 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from accuracy import nearest_labels, smooth_labels  # noqa: E402
 from dataset.io import list_samples, read_sample  # noqa: E402
 from metrics import match  # noqa: E402
-
-
-def nearest_small(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Labels rescaled to `shape` (H, W) by nearest neighbour, as `bench/accuracy.py` rescales masks."""
-    return cv2.resize(labels.astype(np.int32), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
-
-
-def smooth_small(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Labels rescaled to `shape` one instance at a time with area averaging, each kept where it
-    covers at least half of a pixel (later labels win the rare pixel two instances both half cover)."""
-    out = np.zeros(shape, np.int32)
-    for n in np.unique(labels[labels > 0]):
-        cover = cv2.resize((labels == n).astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
-        out[cover >= 0.5] = n
-    return out
 
 
 def run_checkpoint(run: Path) -> Path:
@@ -134,34 +122,32 @@ def main(argv=None) -> None:
     write_labels(run, "valid", out / "valid")
     write_labels(run, name, out / name)
 
+    made = "smooth" if (run / "data" / name).resolve().name.endswith("-smooth") else "nearest"
     small = {s.id: s for s in list_samples(run / "data" / name)}
     rows = []
     for files in list_samples(run / "data" / "valid"):
         _, truth = read_sample(files)
-        _, truth_set = read_sample(small[files.id])
-        shape = truth_set.shape
-        truth_smooth = smooth_small(truth, shape)
+        shape = read_sample(small[files.id])[1].shape
+        truths = (nearest_labels(truth, shape), smooth_labels(truth, shape))
         native = read_labels(out / name / f"{files.id}.png")
         full = read_labels(out / "valid" / f"{files.id}.png")
-        preds = {"native": native, "nearest": nearest_small(full, shape), "smooth": smooth_small(full, shape)}
-        row = [match(truth, full).dsb, match(truth_set, truth_smooth).dsb]
-        for pred in preds.values():
-            row += [match(truth_set, pred).dsb, match(truth_smooth, pred).dsb]
-        rows.append(row)
+        preds = (native, nearest_labels(full, shape), smooth_labels(full, shape))
+        rows.append([match(truth, full).dsb, match(*truths).dsb]
+                    + [match(t, pred).dsb for pred in preds for t in truths])
     r = np.mean(rows, axis=0)
-    print(f"{run} ({len(rows)} images), size test set x{args.factor:g}")
+    print(f"{run} ({len(rows)} images), size test set x{args.factor:g}, its masks made small: {made}")
     print(f"full-size prediction against full-size truth: {r[0]:.3f}")
-    print(f"smooth truth against the set's (nearest) truth: {r[1]:.3f}")
-    print("| prediction | against the set's truth | against the smooth truth |")
+    print(f"smooth truth against the nearest-neighbour truth: {r[1]:.3f}")
+    print("| prediction | against the nearest-neighbour truth | against the smooth truth |")
     print("| --- | ---: | ---: |")
-    labels = {"native": f"network on the x{args.factor:g} images",
-              "nearest": "full-size prediction made small, nearest neighbour",
-              "smooth": "full-size prediction made small, smooth"}
-    for i, key in enumerate(labels):
-        print(f"| {labels[key]} | {r[2 + 2 * i]:.3f} | {r[3 + 2 * i]:.3f} |")
+    labels = (f"network on the x{args.factor:g} images", "full-size prediction made small, nearest neighbour",
+              "full-size prediction made small, smooth")
+    for i, label in enumerate(labels):
+        print(f"| {label} | {r[2 + 2 * i]:.3f} | {r[3 + 2 * i]:.3f} |")
     if args.true_scale:
         true, within = true_scale_scores(run, name)
-        print(f"x{args.factor:g} images at the network's estimated scale: {r[2]:.3f}, at the true masks' "
+        own = r[2] if made == "nearest" else r[3]  # scored against the set's own truth, as `true` is
+        print(f"x{args.factor:g} images at the network's estimated scale: {own:.3f}, at the true masks' "
               f"scale: {true:.3f} (estimate within 20 % of the true factor on {within:.0%} of the images)")
 
 

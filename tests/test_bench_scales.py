@@ -1,5 +1,6 @@
 """bench/accuracy.py --scales: the size test set on the bundled sample (tiny settings)."""
 import contextlib
+import re
 import sys
 
 import numpy as np
@@ -43,7 +44,12 @@ def test_rescaled_validation_copies_are_scored_into_their_own_columns(bench):
         assert sample.id == valid_id and image.shape[:2] == (round(h * factor), round(w * factor))
         # nearest neighbour keeps every nucleus at x3; at x0.5 only specks may vanish
         assert labels.max() == truth.max() if factor == 3 else truth.max() * 0.8 <= labels.max() <= truth.max()
-        assert (labels > 0).sum() == pytest.approx((truth > 0).sum() * factor ** 2, rel=0.05)
+        # the half-size masks are the smooth ones (each nucleus area-averaged, kept at half cover, so
+        # the pixels a border halves count in: a little more area than a quarter)
+        area = (truth > 0).sum() * factor ** 2
+        assert area <= (labels > 0).sum() <= area * 1.15 if factor < 1 else (labels > 0).sum() == pytest.approx(area, rel=0.05)
+        made = accuracy.nearest_labels(truth, labels.shape) if factor == 3 else accuracy.smooth_labels(truth, labels.shape)
+        assert same_partition(labels, made)
         assert pd.read_csv(bench / "work" / "unet" / f"scores_{name}.csv")["dsb"].mean() == pytest.approx(
             row[f"dsb_{name}"])
     # the copies are written once: a second row on the same split reuses them
@@ -53,6 +59,22 @@ def test_rescaled_validation_copies_are_scored_into_their_own_columns(bench):
     assert sorted((bench / "work" / "scaled").iterdir()) == copies
     assert [p.stat().st_mtime_ns for p in copies] == stamp
     assert 0 <= classical["dsb_x3"] <= 1 and list(pd.read_csv("results.csv")["name"]) == ["unet", "classical"]
+    assert list(pd.read_csv("results.csv")["shrink_truth"]) == ["smooth", "smooth"]
+    # the nearest-neighbour half-size set of earlier rows is still there to be asked for, in its own folder
+    nearest = run("--classical", "--shrink-truth", "nearest", "--name", "classical_nearest")
+    assert nearest["shrink_truth"] == "nearest" and nearest["dsb_x3"] == classical["dsb_x3"]
+    folder = bench / "work" / "classical_nearest" / "data" / "valid_x0.5"
+    assert not folder.resolve().name.endswith("-smooth") and folder.resolve().parent == copies[0].parent
+    (sample,) = list_samples(folder)
+    _, labels = read_sample(sample)
+    assert same_partition(labels, accuracy.nearest_labels(truth, labels.shape))
+    assert not same_partition(labels, accuracy.smooth_labels(truth, labels.shape))
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same pixels in the same groups, whatever the label values."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return len(pairs[0]) == len(np.unique(a)) == len(np.unique(b)) and ((pairs[0] == 0) == (pairs[1] == 0)).all()
 
 
 def test_size_truth_reads_a_finished_run_and_reports_the_rows_scores(bench, capsys):
@@ -60,9 +82,11 @@ def test_size_truth_reads_a_finished_run_and_reports_the_rows_scores(bench, caps
     capsys.readouterr()
     size_truth.main([str(bench / "work" / "unet"), "--factor", "0.5"])
     out = capsys.readouterr().out
-    # the label images it writes give the row's own scores, at full size and at x0.5
+    # the label images it writes give the row's own scores, at full size and at x0.5 (the set's
+    # masks are the smooth ones: the second column)
     assert f"full-size prediction against full-size truth: {row['dsb']:.3f}" in out
-    assert f"| network on the x0.5 images | {row['dsb_x0.5']:.3f} |" in out
+    assert "its masks made small: smooth" in out
+    assert re.search(rf"\| network on the x0\.5 images \| [0-9.]+ \| {row['dsb_x0.5']:.3f} \|", out)
     with pytest.raises(SystemExit, match="settings.ini: --true-scale needs a run trained with"):
         size_truth.main([str(bench / "work" / "unet"), "--true-scale"])
     assert capsys.readouterr().out == ""  # refused before anything is scored
@@ -72,7 +96,8 @@ def test_size_truth_reads_a_finished_run_and_reports_the_rows_scores(bench, caps
     again = run("--from-run", "unet", "--name", "again")
     capsys.readouterr()
     size_truth.main([str(bench / "work" / "again"), "--factor", "0.5"])
-    assert f"| network on the x0.5 images | {again['dsb_x0.5']:.3f} |" in capsys.readouterr().out
+    assert re.search(rf"\| network on the x0\.5 images \| [0-9.]+ \| {again['dsb_x0.5']:.3f} \|",
+                     capsys.readouterr().out)
 
 
 def test_smooth_and_nearest_halving_undo_a_nearest_doubling():
@@ -82,8 +107,8 @@ def test_smooth_and_nearest_halving_undo_a_nearest_doubling():
         y, x = rng.integers(2, 17), rng.integers(2, 21)
         labels[y - 2:y + 2, x - 2:x + 3] = n
     doubled = np.repeat(np.repeat(labels, 2, axis=0), 2, axis=1)
-    assert np.array_equal(size_truth.smooth_small(doubled, labels.shape), labels)
-    assert np.array_equal(size_truth.nearest_small(doubled, labels.shape), labels)
+    assert np.array_equal(accuracy.smooth_labels(doubled, labels.shape), labels)
+    assert np.array_equal(accuracy.nearest_labels(doubled, labels.shape), labels)
 
 
 def test_two_rows_started_together_share_the_copies(tmp_path, monkeypatch):

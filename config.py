@@ -130,6 +130,7 @@ class PreConfig:
     invert_bright: bool
     stain_jitter: float = _between(0, 1)
     resolution_jitter: float = _between(0, 1)
+    aspect_jitter: float = _between(1, 4)
     noise: bool
     noise_sigma: float = _at_least(0)
     size_norm: bool

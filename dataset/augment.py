@@ -242,6 +242,23 @@ def lose_resolution(image: np.ndarray, factor: float) -> np.ndarray:
     return cv2.resize(shrunk, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+def stretch(image: np.ndarray, labels: np.ndarray, factor: float,
+            angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """Both stretched `factor` times along the direction `angle` (radians from the x axis) about the
+    crop's centre, the size across that direction kept: round nuclei come out elongated, as the
+    spindle-shaped nuclei of tissue sections are. Reflected at the borders, as `elastic` is."""
+    height, width = labels.shape
+    u = np.array([np.cos(angle), np.sin(angle)], np.float32)
+    inverse = np.eye(2, dtype=np.float32) + (1.0 / factor - 1.0) * np.outer(u, u)  # output -> input
+    centre = np.array([(width - 1) / 2, (height - 1) / 2], np.float32)
+    grid = np.stack(np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32)), -1)
+    source = (grid - centre) @ inverse.T + centre
+    map_x, map_y = np.ascontiguousarray(source[..., 0]), np.ascontiguousarray(source[..., 1])
+    image = cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    labels = cv2.remap(labels, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
+    return image, labels
+
+
 def elastic(image: np.ndarray, labels: np.ndarray, alpha: float, sigma: float,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Smooth random displacement field (Gaussian-filtered noise, scaled by alpha) applied to both."""
@@ -310,6 +327,9 @@ class Augmenter:
             image, labels = random_crop(image, labels, pre.width, scale, rng)
         if pre.resolution_jitter > 0 and rng.random() < pre.resolution_jitter:
             image = lose_resolution(image, float(np.exp(rng.uniform(0.0, np.log(RESOLUTION_JITTER_MAX)))))
+        if pre.aspect_jitter > 1:
+            factor = float(np.exp(rng.uniform(0.0, np.log(pre.aspect_jitter))))
+            image, labels = stretch(image, labels, factor, float(rng.uniform(0.0, np.pi)))
         if pre.elastic and pre.elastic_alpha > 0:
             image, labels = elastic(image, labels, pre.elastic_alpha, pre.elastic_sigma, rng)
         return flip_rotate(image, labels, pre.flip, pre.rotate, rng)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from dataset.augment import Augmenter, elastic, lose_resolution, random_crop, scaled_crop
+from dataset.augment import Augmenter, elastic, lose_resolution, random_crop, scaled_crop, stretch
 from tests.conftest import disk
 
 COLOURS = np.array([[0, 0, 0]] + [[(37 * i) % 200 + 50, (91 * i) % 200 + 50, (53 * i) % 200 + 50]
@@ -220,3 +220,35 @@ def test_resolution_jitter_blurs_the_image_and_leaves_the_labels(cfg):
     assert np.abs(np.diff(b_image.astype(float), axis=1)).mean() < np.abs(np.diff(a_image.astype(float), axis=1)).mean()
     # off by default: the crop draws nothing more from the generator, so earlier runs repeat
     assert cfg.pre.resolution_jitter == 0.0
+
+
+def test_stretch_elongates_nuclei_along_its_direction_and_keeps_them_aligned():
+    image, labels = painted(shape=(160, 160), n=30, seed=4)
+    for angle in (0.0, np.pi / 2, np.pi / 4):
+        out_image, out_labels = stretch(image, labels, 2.0, angle)
+        assert out_image.shape == image.shape and out_labels.dtype == labels.dtype
+        assert_aligned(out_image, out_labels, np.unique(labels))
+    # a disk in the middle, stretched twice along x: twice as wide, as tall as before
+    centre = np.zeros((101, 101), np.int32)
+    centre[disk(centre.shape, (50, 50), 10)] = 1
+    _, wide = stretch(COLOURS[centre], centre, 2.0, 0.0)
+    rows, cols = np.nonzero(wide)
+    assert cols.max() - cols.min() + 1 == pytest.approx(2 * 21, abs=2)
+    assert rows.max() - rows.min() + 1 == pytest.approx(21, abs=1)
+    _, tall = stretch(COLOURS[centre], centre, 2.0, np.pi / 2)
+    assert np.array_equal(tall, wide.T)
+    assert np.array_equal(stretch(COLOURS[centre], centre, 1.0, 0.3)[1], centre)
+
+
+def test_aspect_jitter_is_off_by_default_and_stretches_crops_when_on(cfg):
+    image, labels = painted(shape=(160, 160), n=30, seed=3)
+    off = dict(rescale=False, elastic=False, flip=False, rotate=False, width=96)
+    plain = Augmenter(cfg.replace("pre", **off).pre)
+    jitter = Augmenter(cfg.replace("pre", **off, aspect_jitter=3.0).pre)
+    a_image, a_labels = plain.geometric(image, labels, np.random.default_rng(5))
+    b_image, b_labels = jitter.geometric(image, labels, np.random.default_rng(5))
+    assert not np.array_equal(a_labels, b_labels)
+    assert_aligned(b_image, b_labels, np.unique(labels))
+    # the stretch keeps the size across it, so the nuclei cover more of the crop, never less
+    assert (b_labels > 0).sum() >= (a_labels > 0).sum()
+    assert cfg.pre.aspect_jitter == 1.0

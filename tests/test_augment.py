@@ -208,13 +208,19 @@ def test_lose_resolution_blurs_like_a_smaller_capture_and_keeps_the_size():
     assert (lose_resolution(flat, 3.0) == 90).all()
 
 
-def test_resolution_jitter_blurs_the_image_and_leaves_the_labels(cfg):
+def crops_without_and_with(cfg, **setting):
+    """One 96-pixel crop of painted disks (no other geometric augmentation) drawn with the same
+    generator state, without and with `setting`: ((image, labels), (image, labels), source labels)."""
     image, labels = painted(shape=(160, 160), n=30, seed=3)
     off = dict(rescale=False, elastic=False, flip=False, rotate=False, width=96)
     plain = Augmenter(cfg.replace("pre", **off).pre)
-    jitter = Augmenter(cfg.replace("pre", **off, resolution_jitter=1.0).pre)
-    a_image, a_labels = plain.geometric(image, labels, np.random.default_rng(5))
-    b_image, b_labels = jitter.geometric(image, labels, np.random.default_rng(5))
+    other = Augmenter(cfg.replace("pre", **off, **setting).pre)
+    return (plain.geometric(image, labels, np.random.default_rng(5)),
+            other.geometric(image, labels, np.random.default_rng(5)), labels)
+
+
+def test_resolution_jitter_blurs_the_image_and_leaves_the_labels(cfg):
+    (a_image, a_labels), (b_image, b_labels), _ = crops_without_and_with(cfg, resolution_jitter=1.0)
     assert np.array_equal(a_labels, b_labels)
     assert not np.array_equal(a_image, b_image)
     assert np.abs(np.diff(b_image.astype(float), axis=1)).mean() < np.abs(np.diff(a_image.astype(float), axis=1)).mean()
@@ -241,12 +247,7 @@ def test_stretch_elongates_nuclei_along_its_direction_and_keeps_them_aligned():
 
 
 def test_aspect_jitter_is_off_by_default_and_stretches_crops_when_on(cfg):
-    image, labels = painted(shape=(160, 160), n=30, seed=3)
-    off = dict(rescale=False, elastic=False, flip=False, rotate=False, width=96)
-    plain = Augmenter(cfg.replace("pre", **off).pre)
-    jitter = Augmenter(cfg.replace("pre", **off, aspect_jitter=3.0).pre)
-    a_image, a_labels = plain.geometric(image, labels, np.random.default_rng(5))
-    b_image, b_labels = jitter.geometric(image, labels, np.random.default_rng(5))
+    (a_image, a_labels), (b_image, b_labels), labels = crops_without_and_with(cfg, aspect_jitter=3.0)
     assert not np.array_equal(a_labels, b_labels)
     assert_aligned(b_image, b_labels, np.unique(labels))
     # the stretch keeps the size across it, so the nuclei cover more of the crop, never less

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from accuracy import rescale_sample  # noqa: E402
 from dataset.io import list_samples, read_sample_cached  # noqa: E402
 from dataset import sizes  # noqa: E402
 from dataset.sizes import estimate_diameter, median_diameter  # noqa: E402
@@ -47,15 +48,6 @@ def stand_in_map(labels: np.ndarray, blur: float, noise: float, rng: np.random.G
         field = cv2.GaussianBlur(rng.standard_normal(labels.shape).astype(np.float32), (0, 0), 1.5)
         semantic += noise * field / max(float(field.std()), 1e-6)
     return np.clip(semantic, 0, 1)
-
-
-def rescaled(image: np.ndarray, labels: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
-    if factor == 1:
-        return image, labels
-    size = (max(1, round(labels.shape[1] * factor)), max(1, round(labels.shape[0] * factor)))
-    interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    return (cv2.resize(image, size, interpolation=interpolation),
-            cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST_EXACT))
 
 
 def network(checkpoint: str):
@@ -116,7 +108,8 @@ def main(argv=None):
             image, labels = read_sample_cached(files, True, args.cache)
             if labels.size * factor ** 2 > args.max_pixels:
                 continue
-            image, labels = rescaled(image, labels, factor)
+            if factor != 1:  # bench/accuracy.py's rescale, masks by nearest neighbour as in the docs' rows
+                image, labels = rescale_sample(image, labels, factor, "nearest")
             truth = median_diameter(labels)
             if truth is None:
                 continue

@@ -47,13 +47,18 @@ SIZE_TOLERANCE = 1.25
 # size, so the passes stopped at once and the image was predicted at the wrong scale, shattered
 # (docs/results.md, session 14). So the first pass also sees the image at 1/2, 1/4, ... of its
 # size (down to FACTOR_MIN, sides of COARSE_MIN_SIDE pixels at least). Where the network sees
-# nuclei whole, the share of the image it marks as nucleus hardly depends on the scale; where it
-# sees fragments, that share falls. The estimate comes from the finest view that marks at least
-# 1 / COARSE_GAIN of the most any view marks, counting only views that see nuclei at least
-# COARSE_MIN_SEEN times the target across (an image shrunk until its nuclei are specks marks
-# blurred, merged blobs). Known mirror failure: a crowded image of small nuclei that the network
-# is unsure of at its own scale can merge into nucleus-sized clumps in a coarser view and be
-# measured there (three such images of split seed 1's 66, docs/results.md).
+# nuclei whole, two neighbouring views agree on their diameter in the image's pixels; where it
+# sees fragments, whose size is set by its window, not by the nuclei, the estimate in image pixels
+# doubles from one view to the next coarser. The estimate comes from the finer view of the finest
+# pair of neighbouring views that agree within COARSE_AGREE (session 16), counting only coarser
+# views that see nuclei at least COARSE_MIN_SEEN times the target across (an image shrunk until
+# its nuclei are specks marks blurred, merged blobs). When no pair agrees, the session-14 rule
+# stands: the finest view that marks at least 1 / COARSE_GAIN of the most any view marks (a
+# network can fill a large nucleus with fragments, so the share marked alone was fooled: four
+# images of split seed 0, docs/results.md). Known mirror failure of both: a crowded image of
+# small nuclei that the network is unsure of at its own scale can merge into nucleus-sized clumps
+# in a coarser view and be measured there (three such images of split seed 1's 66).
+COARSE_AGREE = 1.25
 COARSE_GAIN = 1.5
 COARSE_MIN_SEEN = 0.5
 COARSE_MIN_SIDE = 64
@@ -251,15 +256,31 @@ def _look(model, image: torch.Tensor, valid: ValidConfig, width: int,
     return estimate_diameter(semantic), float((semantic > SIZE_THRESHOLD).mean()), math.sqrt(size[0] * size[1] / (h * w))
 
 
+def _first_view(views: list[tuple[float | None, float, float]], target: float) -> tuple[float | None, float, float]:
+    """Of the first pass's views (`_look`'s triples, the image's own scale first, then each half the
+    last), the one whose estimate stands: the finer of the finest two neighbours that agree on the
+    diameter in image pixels, else the finest that marks about as much as any (see COARSE_AGREE)."""
+    whole = [v[0] is not None and (i == 0 or v[0] >= COARSE_MIN_SEEN * target) for i, v in enumerate(views)]
+    for i in range(len(views) - 1):
+        (fine, _, fine_scale), (coarse, _, coarse_scale) = views[i], views[i + 1]
+        if whole[i] and whole[i + 1] and abs(math.log(fine / fine_scale * coarse_scale / coarse)) <= math.log(COARSE_AGREE):
+            return views[i]
+    # the image's own view and the coarser ones that see whole nuclei, finest first; the coarser
+    # view that marks the most always qualifies, so one is found
+    candidates = [views[0]] + [v for v, ok in zip(views[1:], whole[1:]) if ok]
+    most = max(v[1] for v in candidates[1:]) if len(candidates) > 1 else 0.0
+    return next(v for v in candidates if v[1] * COARSE_GAIN >= most)
+
+
 def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int, target: float,
                    passes: int = SIZE_PASSES) -> tuple[float | None, float]:
     """(estimated median nucleus diameter in the image's own pixels, or None when no pass saw a
     nucleus; the rescale factor that brings it to `target`, clamped as `dataset.sizes.size_factor`).
 
-    Passes without TTA: the first at the image's own scale and at 1/2, 1/4, ..., of which the finest
-    that marks about as much of the image as nucleus as any gives the first estimate (see
-    COARSE_GAIN); each further pass at the factor the last estimate gave, `passes` in all at most
-    (SIZE_PASSES; the coarser views of the first count as one). An image far from the network's
+    Passes without TTA: the first at the image's own scale and at 1/2, 1/4, ..., of which one gives
+    the first estimate (`_first_view`: views that agree, see COARSE_AGREE); each further pass at
+    the factor the last estimate gave, `passes` in all at most (SIZE_PASSES; the coarser views of
+    the first count as one). An image far from the network's
     scale, whose first estimate is off, is thus measured again nearer the right scale before it is
     predicted.
     """
@@ -270,11 +291,7 @@ def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int, t
     while coarse >= FACTOR_MIN and min(scaled_size(h, w, coarse)) >= COARSE_MIN_SIDE:
         views.append(_look(model, image, quick, width, coarse))
         coarse /= 2
-    # the image's own view and the coarser ones that see whole nuclei, finest first; the coarser
-    # view that marks the most always qualifies, so one is found
-    candidates = [views[0]] + [v for v in views[1:] if v[0] is not None and v[0] >= COARSE_MIN_SEEN * target]
-    most = max(v[1] for v in candidates[1:]) if len(candidates) > 1 else 0.0
-    seen, _, scale = next(v for v in candidates if v[1] * COARSE_GAIN >= most)
+    seen, _, scale = _first_view(views, target)
     diameter, factor = None, scale  # scale: that of the pass that gave `seen` (1 when it saw none)
     for done in range(passes):
         if done:

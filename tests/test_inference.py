@@ -207,6 +207,7 @@ class WindowModel(PixelModel):
     (fragments about the size of a usual nucleus, a ninth of the blob); smaller blobs it marks
     whole. The grid is fixed in the input's pixels, whatever the scale the image is given at."""
     window = 33
+    period, square = 48, 16
 
     def predict(self, x):
         bright = (x[:, :1] > 0.5).float()
@@ -214,7 +215,8 @@ class WindowModel(PixelModel):
         eroded = -pool(-bright, self.window, stride=1, padding=self.window // 2)
         large = pool(eroded, self.window, stride=1, padding=self.window // 2) > 0.5
         h, w = x.shape[-2:]
-        grid = ((torch.arange(h)[:, None] % 48 < 16) & (torch.arange(w)[None] % 48 < 16)).float()
+        rows, cols = torch.arange(h)[:, None] % self.period, torch.arange(w)[None] % self.period
+        grid = ((rows < self.square) & (cols < self.square)).float()
         semantic = torch.where(large, grid, bright)
         return {"semantic": semantic.clamp(0.02, 0.98), "contour": torch.zeros_like(semantic)}
 
@@ -232,3 +234,23 @@ def test_nuclei_too_large_for_the_window_are_measured_at_a_coarser_view(cfg, dia
     estimated, factor = sizes["m"]
     assert estimated == pytest.approx(diameter, rel=0.1)
     assert factor == pytest.approx(20 / diameter, rel=0.1)
+
+
+class FillingWindowModel(WindowModel):
+    """As WindowModel, but the fragments tile a blob too large for the window with two-pixel gaps:
+    the network marks almost as much of the image as nucleus as a view that sees the blob whole."""
+    period, square = 16, 14
+
+
+def test_fragments_that_fill_a_nucleus_are_not_taken_for_nuclei(cfg):
+    # the share of the image marked is about the same at every view, so the session-14 rule (the
+    # finest view that marks about as much as the most) measured the 15-pixel fragments at the
+    # image's own scale; the estimate in image pixels doubles from each fragment view to the next
+    # coarser, while the two views that see the nuclei whole agree on 120
+    image = bright_disks(120, (600, 600))
+    pre = cfg.replace("pre", size_norm=True, nucleus_diameter=20).pre
+    sizes = {}
+    predict_image([Member(FillingWindowModel(), pre, "m")], image, cfg.valid, sizes=sizes)
+    estimated, factor = sizes["m"]
+    assert estimated == pytest.approx(120, rel=0.1)
+    assert factor == pytest.approx(20 / 120, rel=0.1)

@@ -166,6 +166,7 @@ class ValidConfig:
     ensemble: str = _choices("mean", "vote")
     max_memory_mb: int = _at_least(0)
     diameter_scale: tuple[float, ...] = _between(0.25, 4)
+    size_passes: int = _between(1, 10)
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,10 @@ from dataset.tiles import tile_origins
 
 View = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 
-# size normalisation: at most this many estimation passes. The first sees the image as it is; each
-# further one sees it at the scale the last estimate asked for, and the passes stop once the
-# network sees nuclei within SIZE_TOLERANCE (a ratio) of its training size, where its semantic
-# map, and so the estimate, is the most trustworthy.
-SIZE_PASSES = 3
+# size normalisation: at most `[valid] size_passes` estimation passes. The first sees the image as
+# it is; each further one sees it at the scale the last estimate asked for, and the passes stop
+# once the network sees nuclei within SIZE_TOLERANCE (a ratio) of its training size, where its
+# semantic map, and so the estimate, is the most trustworthy.
 SIZE_TOLERANCE = 1.25
 # Nuclei far larger than the network's window come out of a pass at the image's own scale as
 # fragments: a fraction of their area, which the estimate reads as nuclei of about the training
@@ -273,18 +272,18 @@ def _first_view(views: list[tuple[float | None, float, float]], target: float) -
 
 
 def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int, target: float,
-                   passes: int = SIZE_PASSES) -> tuple[float | None, float]:
+                   passes: int | None = None) -> tuple[float | None, float]:
     """(estimated median nucleus diameter in the image's own pixels, or None when no pass saw a
     nucleus; the rescale factor that brings it to `target`, clamped as `dataset.sizes.size_factor`).
 
     Passes without TTA: the first at the image's own scale and at 1/2, 1/4, ..., of which one gives
     the first estimate (`_first_view`: views that agree, see COARSE_AGREE); each further pass at
-    the factor the last estimate gave, `passes` in all at most (SIZE_PASSES; the coarser views of
-    the first count as one). An image far from the network's
-    scale, whose first estimate is off, is thus measured again nearer the right scale before it is
-    predicted.
+    the factor the last estimate gave, `passes` in all at most (default `[valid] size_passes`; the
+    coarser views of the first count as one). An image far from the network's scale, whose first
+    estimate is off, is thus measured again nearer the right scale before it is predicted.
     """
     quick = dataclasses.replace(valid, test_time_augment=False, tta_rotate=False)
+    passes = valid.size_passes if passes is None else passes
     h, w = image.shape[-2:]
     views = [_look(model, image, quick, width, 1.0)]
     coarse = 0.5

@@ -164,6 +164,25 @@ def test_several_diameter_scales_predict_at_each_size_and_average_the_maps(cfg):
         np.testing.assert_allclose(out[k], ((single[0][k] + single[1][k]) / 2).numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("passes, looks", [(1, 1), (3, 2)])
+def test_size_passes_caps_the_estimation_passes(cfg, passes, looks):
+    # 40-pixel nuclei against a 20-pixel target: the first pass measures them, a second one (at half
+    # the size) finds them at the target and stops; with one pass the first estimate stands
+    image = bright_disks(40, (120, 160))
+    pre = cfg.replace("pre", size_norm=True, nucleus_diameter=20).pre
+    model, sizes = Recording(), {}
+    predict_image([Member(model, pre, "m")], image, cfg.replace("valid", size_passes=passes).valid, sizes=sizes)
+    assert sum(call[0] == 1 for call in model.calls) == looks  # estimation passes run without TTA
+    assert sizes["m"][0] == pytest.approx(40, rel=0.1)
+
+
+def test_size_passes_needs_one_at_least(tmp_path):
+    from config import ConfigError, load_config
+    (tmp_path / "c.ini").write_text("[valid]\nsize_passes = 0\n")
+    with pytest.raises(ConfigError, match="c.ini.*\\[valid\\] size_passes"):
+        load_config(tmp_path / "c.ini", user_path=None)
+
+
 def test_diameter_scale_needs_a_number(tmp_path):
     from config import ConfigError, load_config
     (tmp_path / "c.ini").write_text("[valid]\ndiameter_scale =\n")

@@ -255,14 +255,18 @@ def _look(model, image: torch.Tensor, valid: ValidConfig, width: int,
     return estimate_diameter(semantic), float((semantic > SIZE_THRESHOLD).mean()), math.sqrt(size[0] * size[1] / (h * w))
 
 
-def _first_view(views: list[tuple[float | None, float, float]], target: float) -> tuple[float | None, float, float]:
+Look = tuple[float | None, float, float]  # one view's (median diameter seen, share marked, scale)
+
+
+def _first_view(views: list[Look], target: float) -> Look:
     """Of the first pass's views (`_look`'s triples, the image's own scale first, then each half the
     last), the one whose estimate stands: the finer of the finest two neighbours that agree on the
     diameter in image pixels, else the finest that marks about as much as any (see COARSE_AGREE)."""
     whole = [v[0] is not None and (i == 0 or v[0] >= COARSE_MIN_SEEN * target) for i, v in enumerate(views)]
     for i in range(len(views) - 1):
         (fine, _, fine_scale), (coarse, _, coarse_scale) = views[i], views[i + 1]
-        if whole[i] and whole[i + 1] and abs(math.log(fine / fine_scale * coarse_scale / coarse)) <= math.log(COARSE_AGREE):
+        ratio = (fine / fine_scale) / (coarse / coarse_scale) if whole[i] and whole[i + 1] else 0.0
+        if ratio and abs(math.log(ratio)) <= math.log(COARSE_AGREE):
             return views[i]
     # the image's own view and the coarser ones that see whole nuclei, finest first; the coarser
     # view that marks the most always qualifies, so one is found

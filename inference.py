@@ -245,8 +245,10 @@ def prediction_diameter(pre: PreConfig, valid: ValidConfig) -> float:
     return prediction_diameters(pre, valid)[0]
 
 
-def _look(model, image: torch.Tensor, valid: ValidConfig, width: int,
-          factor: float) -> tuple[float | None, float, float]:
+ViewSize = tuple[float | None, float, float]  # one view's (median diameter seen, share marked, scale)
+
+
+def _look(model, image: torch.Tensor, valid: ValidConfig, width: int, factor: float) -> ViewSize:
     """One estimation pass at `factor`: (median nucleus diameter seen, in the rescaled image's pixels,
     or None; the share of its pixels marked nucleus; the scale actually applied, from the rounded size)."""
     h, w = image.shape[-2:]
@@ -255,10 +257,7 @@ def _look(model, image: torch.Tensor, valid: ValidConfig, width: int,
     return estimate_diameter(semantic), float((semantic > SIZE_THRESHOLD).mean()), math.sqrt(size[0] * size[1] / (h * w))
 
 
-Look = tuple[float | None, float, float]  # one view's (median diameter seen, share marked, scale)
-
-
-def _first_view(views: list[Look], target: float) -> Look:
+def _first_view(views: list[ViewSize], target: float) -> ViewSize:
     """Of the first pass's views (`_look`'s triples, the image's own scale first, then each half the
     last), the one whose estimate stands: the finer of the finest two neighbours that agree on the
     diameter in image pixels, else the finest that marks about as much as any (see COARSE_AGREE)."""

@@ -80,6 +80,7 @@ class TrainConfig:
     n_worker: int = _at_least(0)
     grad_accum: int = _at_least(1)
     grad_clip: float = _at_least(0)
+    ema_decay: float = _between(0, 0.99999)
     amp: str = _choices("auto", "off", "float16", "bfloat16")
     channels_last: bool
     seed: int

@@ -118,13 +118,15 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device,
                     scaler: torch.amp.GradScaler | None, stop: Callable[[], bool] | None = None,
                     show_progress: bool = True, *, first_step: int = 0,
                     before_step: Callable[[int], None] | None = None,
+                    after_update: Callable[[], None] | None = None,
                     world: World = SINGLE) -> tuple[dict[str, float], int]:
     """Train over `loader` once. Returns (mean stats, number of the next batch of this epoch).
 
     `first_step`: batches of this epoch trained before (a resumed epoch; the loader already
     leaves them out), so the batches are numbered first_step, first_step + 1, ...; the epoch is
     complete when the returned number is first_step + len(loader). `before_step(number)` runs
-    before each batch (train.py sets the learning rate there); `stop()` is asked after each batch
+    before each batch (train.py sets the learning rate there), `after_update()` after each optimizer
+    step (train.py updates the weights' moving average there); `stop()` is asked after each batch
     and True ends the epoch early, after applying any accumulated gradients.
 
     Stats: 'loss', 'loss_<head>', 'iou_<head>', 'time' (seconds per batch), 'io' (seconds per
@@ -180,7 +182,7 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device,
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         pending += 1
         if update:
-            _step(model, optimizer, scaler, train_cfg.grad_clip)
+            _step(model, optimizer, scaler, train_cfg.grad_clip, after_update)
             pending = 0
         stats.add("loss", loss.item(), n)
         for name, logits in outputs.items():
@@ -197,7 +199,7 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device: torch.device,
             if pending:
                 if world.grouped:
                     _average_gradients(model, world.size)
-                _step(model, optimizer, scaler, train_cfg.grad_clip)
+                _step(model, optimizer, scaler, train_cfg.grad_clip, after_update)
             break
     bar.close()
     if world.grouped:
@@ -223,7 +225,7 @@ def _means_over(world: World, stats: RunningMean, keys: list[str]) -> dict[str, 
     return {k: t / c for k, t, c in zip(keys, totals, counts) if c > 0}
 
 
-def _step(model, optimizer, scaler, grad_clip: float) -> None:
+def _step(model, optimizer, scaler, grad_clip: float, after_update: Callable[[], None] | None = None) -> None:
     if scaler is not None:
         scaler.unscale_(optimizer)
     if grad_clip > 0:
@@ -234,6 +236,8 @@ def _step(model, optimizer, scaler, grad_clip: float) -> None:
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if after_update is not None:
+        after_update()
 
 
 @torch.inference_mode()

@@ -47,6 +47,7 @@ from distributed import (SHM_HINT, SINGLE, Padded, RankBatches, World, is_shared
                          sync_batch_norm)
 from engine import choose_precision, evaluate, train_one_epoch
 from model import build_model, count_parameters
+from model.ema import make_ema
 from model.checkpoint import (latest_checkpoint, load_weights, model_config_of, read_checkpoint,
                               restore_rng_states, save_checkpoint, unwrap)
 
@@ -216,9 +217,11 @@ def new_plan(cfg: Config, args, start: float, n_epoch: int, batches: int) -> Pla
                 batches=batches, warmup=t.warmup, budget_s=None if args.budget is None else 60 * args.budget)
 
 
-def resume_state(cfg: Config, args, model, optimizer, scaler, batches: int):
+def resume_state(cfg: Config, args, model, optimizer, scaler, batches: int, ema=None):
     """Decide what this invocation trains. Returns (plan, epoch, step, best score): training goes
-    on from batch `step` of epoch `epoch` when step > 0, else from epoch `epoch` + 1."""
+    on from batch `step` of epoch `epoch` when step > 0, else from epoch `epoch` + 1. Training goes
+    on from the trained weights; `ema` (the weights' moving average, or None) takes up the
+    checkpoint's average where it has one, and otherwise starts from the weights at the first step."""
     n_epoch = cfg.train.n_epoch if args.epoch is None else args.epoch
     folder = Path(cfg.train.checkpoint_dir)
     path = latest_checkpoint(folder) if args.resume else None
@@ -234,7 +237,11 @@ def resume_state(cfg: Config, args, model, optimizer, scaler, batches: int):
         if getattr(saved, field) != getattr(ours, field):
             raise InputError(f"{path}: trained with [model] {field} = {getattr(saved, field)}, but the settings "
                              f"say {getattr(ours, field)}; change the settings or use --no-resume")
-    load_weights(model, state, path)
+    averaged = "train_state_dict" in state
+    load_weights(model, state, path, "train_state_dict" if averaged else "state_dict")
+    if ema is not None and averaged:
+        load_weights(ema.module, state, path)
+        ema.n_averaged.fill_(int(state["ema_updates"]))
     if state.get("optimizer"):
         optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
@@ -416,12 +423,16 @@ def train(args, world: World) -> int:
           f"{'shared' if cfg.model.shared_decoder else 'separate'} decoders, "
           f"{count_parameters(model) / 1e6:.2f} M parameters, on {device}{processes}; {len(train_samples)} "
           f"training and {len(valid_samples)} validation images")
+    ema = make_ema(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.learn_rate, weight_decay=cfg.train.weight_decay)
     dtype, why = choose_precision(cfg.train.amp, device)
     print(f"Precision: {'float32' if dtype is None else str(dtype).removeprefix('torch.')} ({why})")
     # float16 gradients need loss scaling; bfloat16 has float32's range and does not
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    plan, epoch, step, best = resume_state(cfg, args, model, optimizer, scaler, batches)
+    if ema is not None:
+        print(f"Weights: a moving average with decay {cfg.train.ema_decay:g} per step ([train] ema_decay) is "
+              f"validated and saved for prediction")
+    plan, epoch, step, best = resume_state(cfg, args, model, optimizer, scaler, batches, ema)
     train_data, order, train_loader, valid_loader = make_loaders(cfg, device, train_samples, valid_samples,
                                                                  plan.seed, world)
     # rank 0 decodes (and caches) first, the other processes then read the cache
@@ -472,7 +483,9 @@ def train(args, world: World) -> int:
                 set_lr(optimizer, plan.rate(epoch - 1 + k / batches, elapsed()))
             stats, step = train_one_epoch(model, train_loader, optimizer, cfg, device, epoch, scaler,
                                           lambda: plan.spent(elapsed()), show_progress=not args.quiet and world.main,
-                                          first_step=first_step, before_step=before_step, world=world)
+                                          first_step=first_step, before_step=before_step,
+                                          after_update=None if ema is None else lambda: ema.update_parameters(bare),
+                                          world=world)
             trained_images += min(len(order), (step - first_step) * cfg.train.n_batch)
             trained_seconds += stats.get("time", 0.0) * (step - first_step)
             cut = step < batches
@@ -494,7 +507,10 @@ def train(args, world: World) -> int:
             if validate:
                 interrupt.check()
                 world.broadcast_buffers(bare)
-                valid_stats, sample = evaluate(model, valid_loader, cfg, device, world)
+                if ema is not None:
+                    world.broadcast_buffers(ema.module)
+                valid_stats, sample = evaluate(model if ema is None else ema.module, valid_loader, cfg, device,
+                                               world)
                 for key, value in valid_stats.items():
                     writer.add_scalar(f"valid/{key}", value, epoch)
                 if sample is not None:
@@ -507,13 +523,13 @@ def train(args, world: World) -> int:
                     run = {**dataclasses.asdict(plan), "elapsed_s": elapsed(), "step": step, "finished": finished}
                     if world.main:
                         save_checkpoint(ckpt_dir / "best.pkl", model, cfg, optimizer, None, epoch, scores,
-                                        update_pointer=False, scaler=scaler, run=run)
+                                        update_pointer=False, scaler=scaler, run=run, ema=ema)
             print(line, flush=True)
             if epoch % cfg.train.n_ckpt_epoch == 0 or stopped or epoch == plan.end:
                 run = {**dataclasses.asdict(plan), "elapsed_s": elapsed(), "step": step, "finished": finished}
                 if world.main:
                     save_checkpoint(ckpt_dir / f"ckpt-{epoch}.pkl", model, cfg, optimizer, None, epoch, scores,
-                                    scaler=scaler, run=run)
+                                    scaler=scaler, run=run, ema=ema)
             if stopped:
                 at = (f"in epoch {epoch} of {plan.end}, after {step} of {batches} batches" if cut
                       else f"after epoch {epoch} of {plan.end}")

@@ -4,7 +4,10 @@ A checkpoint file holds {'format', 'model_config', 'config', 'state_dict', 'opti
 'scheduler', 'epoch', 'scores'} and, since training runs resume exactly, 'scaler' (the float16
 GradScaler's state or None), 'rng' (the random generator states at the time of saving) and 'run'
 (where the run stands in its learning-rate schedule, written by train.py). Checkpoints without
-the last three still load for prediction. `current.json` in the same folder names the latest one.
+the last three still load for prediction. With a moving average of the weights (`[train]
+ema_decay`), 'state_dict' holds the averaged weights, the ones prediction uses, 'train_state_dict'
+the trained ones that training continues from, and 'ema_updates' how many steps were averaged.
+`current.json` in the same folder names the latest one.
 """
 from __future__ import annotations
 
@@ -57,19 +60,21 @@ def restore_rng_states(states: dict | None) -> None:
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg, optimizer=None, scheduler=None,
                     epoch: int = 0, scores: dict | None = None, update_pointer: bool = True, *,
-                    scaler=None, run: dict | None = None) -> Path:
+                    scaler=None, run: dict | None = None, ema=None) -> Path:
     """Write a checkpoint to `path` (temporary name, then rename) and point current.json at it.
 
     `scheduler` may be a torch scheduler (its state_dict is stored) or None; `scaler` a GradScaler;
-    `run` the training run's progress record (see train.py), stored as given.
+    `run` the training run's progress record (see train.py), stored as given; `ema` the moving
+    average of `model`'s weights (model/ema.py) or None.
     """
     path = Path(path)
     bare = unwrap(model)
+    weights = _cpu_weights(bare)
     state = {
         "format": FORMAT,
         "model_config": dataclasses.asdict(bare.config),
         "config": cfg.as_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
+        "state_dict": weights if ema is None else _cpu_weights(ema.module),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "epoch": int(epoch),
@@ -78,11 +83,17 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg, optimizer=No
         "rng": rng_states(),
         "run": dict(run) if run is not None else None,
     }
+    if ema is not None:
+        state.update(train_state_dict=weights, ema_updates=int(ema.n_averaged))
     _atomic_write(path, lambda fh: torch.save(state, fh))
     if update_pointer:
         pointer = {"latest": path.name, "epoch": int(epoch)}
         _atomic_write(path.parent / POINTER, lambda fh: fh.write(json.dumps(pointer, indent=1).encode()))
     return path
+
+
+def _cpu_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
@@ -121,18 +132,19 @@ def model_config_of(state: dict, path) -> ModelConfig:
         raise InputError(f"{path}: checkpoint model settings are not understood ({exc})") from None
 
 
-def load_weights(model: nn.Module, state: dict, path) -> None:
-    """Load the checkpoint's weights; any missing or unexpected key is one clear error."""
+def load_weights(model: nn.Module, state: dict, path, key: str = "state_dict") -> None:
+    """Load the checkpoint's weights (`key`: 'state_dict', the ones for prediction, or
+    'train_state_dict', see the module docstring); any missing or unexpected key is one clear error."""
     bare = unwrap(model)
     expected = set(bare.state_dict())
-    found = set(state["state_dict"])
+    found = set(state[key])
     if expected != found:
         missing, extra = sorted(expected - found), sorted(found - expected)
         raise InputError(f"{path}: weights do not fit a {bare.config.model}/{bare.config.encoder} model "
                          f"({len(missing)} missing keys, e.g. {missing[:1]}; {len(extra)} unexpected, "
                          f"e.g. {extra[:1]})")
     try:
-        bare.load_state_dict(state["state_dict"])
+        bare.load_state_dict(state[key])
     except RuntimeError as exc:
         raise InputError(f"{path}: weights do not fit the model it describes "
                          f"({str(exc).splitlines()[-1].strip()})") from None

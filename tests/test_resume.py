@@ -58,19 +58,17 @@ def finish(process: subprocess.Popen) -> str:
     return out
 
 
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return read_checkpoint(path)["state_dict"]
-
-
-def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("ema_decay", [0, 0.8])
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, ema_decay):
     """SIGKILL in the middle of epoch 3 of 4; train.py then continues from the epoch-2 checkpoint
-    and ends with exactly the weights of a run that was never interrupted."""
+    and ends with exactly the weights of a run that was never interrupted: the trained ones and,
+    with [train] ema_decay, their moving average too."""
     folders = []
     for name in ("whole", "killed"):
         folder = tmp_path / name
         (folder / "data").mkdir(parents=True)
         (folder / "data" / "train").symlink_to(REPO / "sample" / "stage1_train")
-        settings(folder)
+        settings(folder, ema_decay=ema_decay)
         folders.append(folder)
     whole, killed = folders
     args = ["--config", "settings.ini", "--quiet"]
@@ -92,10 +90,17 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     out = finish(run_train(killed, *args))
     assert "Resuming the interrupted run in ckpt/ckpt-2.pkl: epoch 3 of 4" in out
     assert "Epoch: [3]" in out and "Epoch: [4]" in out and "Epoch: [5]" not in out
-    a, b = weights(whole / "ckpt" / "ckpt-4.pkl"), weights(killed / "ckpt" / "ckpt-4.pkl")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
-    assert read_checkpoint(killed / "ckpt" / "ckpt-4.pkl")["run"]["finished"] is True
+    whole_state, killed_state = (read_checkpoint(folder / "ckpt" / "ckpt-4.pkl") for folder in folders)
+    kinds = ["state_dict", "train_state_dict"] if ema_decay else ["state_dict"]
+    for kind in kinds:
+        a, b = whole_state[kind], killed_state[kind]
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), (kind, [k for k in a if not torch.equal(a[k], b[k])])
+    assert killed_state["run"]["finished"] is True
+    if ema_decay:  # eight optimizer steps averaged, and the average is not the trained weights
+        assert killed_state["ema_updates"] == whole_state["ema_updates"] == 8
+        a, b = killed_state["state_dict"], killed_state["train_state_dict"]
+        assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
 def record_lrs(monkeypatch) -> list[float]:

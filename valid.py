@@ -92,6 +92,9 @@ def parse_args(argv):
     parser.add_argument("--no-tuned", dest="tuned", action="store_false", help="ignore saved tuned thresholds")
     parser.add_argument("--override-pre", action="store_true",
                         help="use explicit [pre] settings even where they contradict a checkpoint's")
+    parser.add_argument("--trained-weights", action="store_true",
+                        help="predict with a checkpoint's trained weights instead of their moving average "
+                        "([train] ema_decay), e.g. to measure what the average adds")
     parser.add_argument("--config", help="extra settings file, read after config.ini")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
@@ -160,12 +163,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def load_members(paths: list[Path], cfg: Config, device, override_pre: bool) -> tuple[list[Member], Config]:
+def load_members(paths: list[Path], cfg: Config, device, override_pre: bool,
+                 trained: bool = False) -> tuple[list[Member], Config]:
     """Each checkpoint's model with the [pre] it was trained with, and the settings for this run:
-    the first checkpoint's settings under the user's explicit ones (config.under_saved)."""
+    the first checkpoint's settings under the user's explicit ones (config.under_saved).
+    `trained`: the trained weights instead of their moving average (model.checkpoint.load_model)."""
     members, settings = [], None
     for path in paths:
-        model, state = load_model(path, device)
+        model, state = load_model(path, device, trained)
         ours, taken = under_saved(cfg, state.get("config") or {}, str(path))
         for key in PRE_AT_PREDICTION:
             source = cfg.source_of("pre", key)
@@ -313,7 +318,7 @@ def prepare(args, world: World):
     paths = [Path(p) for p in args.checkpoints] or [latest_checkpoint(cfg.train.checkpoint_dir)]
     if paths[0] is None:
         raise InputError(f"{cfg.train.checkpoint_dir}: no current.json; name a checkpoint or train first")
-    members, cfg = load_members(paths, cfg, world.device, args.override_pre)
+    members, cfg = load_members(paths, cfg, world.device, args.override_pre, args.trained_weights)
     post, origin = resolve_post(cfg, paths[0], args.tuned and not args.tune)
     print("[post] " + ", ".join(f"{k} = {getattr(post, k)} ({origin[k]})" for k in origin))
     samples = dataset_samples(cfg, args.dataset)

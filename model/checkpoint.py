@@ -150,11 +150,17 @@ def load_weights(model: nn.Module, state: dict, path, key: str = "state_dict") -
                          f"({str(exc).splitlines()[-1].strip()})") from None
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model a checkpoint describes, load its weights, and return (model, state)."""
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               trained: bool = False) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint describes, load its weights, and return (model, state).
+    `trained`: the trained weights of a checkpoint that holds their moving average, instead of
+    the average (an error for a checkpoint without one)."""
     from model import build_model
 
     state = read_checkpoint(path)
+    if trained and "train_state_dict" not in state:
+        raise InputError(f"{path}: holds no moving average of the weights ([train] ema_decay was 0), so no "
+                         f"separate trained weights; leave out --trained-weights")
     model = build_model(dataclasses.replace(model_config_of(state, path), pretrained=False, weights_path=None))
-    load_weights(model, state, path)
+    load_weights(model, state, path, "train_state_dict" if trained else "state_dict")
     return model.to(device), state

@@ -1,6 +1,8 @@
 """train.py end to end on the bundled sample, in a temporary folder."""
 import json
 import struct
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -273,3 +275,31 @@ def test_ctrl_c_is_raised_at_the_loops_own_check_points():
     finally:
         interrupt.restore()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_valid_predicts_with_the_moving_average_unless_told(workdir):
+    """[train] ema_decay: the checkpoint's prediction weights are the average; valid.py
+    --trained-weights takes the trained ones, and on a checkpoint without an average it is a
+    one-line error naming the file."""
+    import valid
+    from config import load_config
+    config = Path(settings(workdir, model="unet"))
+    config.write_text(config.read_text().replace("[train]\n", "[train]\nema_decay = 0.5\n"))
+    train.main(["--epoch", "2", "--config", str(config), "--quiet"])
+    path = workdir / "ckpt" / "ckpt-2.pkl"
+    state = read_checkpoint(path)
+    cfg = load_config(config, user_path=None)
+    for trained, key in ((False, "state_dict"), (True, "train_state_dict")):
+        members, _ = valid.load_members([path], cfg, torch.device("cpu"), False, trained)
+        got = members[0].model.state_dict()
+        assert all(torch.equal(got[k], state[key][k]) for k in got), key
+    assert not all(torch.equal(state["state_dict"][k], state["train_state_dict"][k]) for k in got)
+
+    config.write_text(config.read_text().replace("ema_decay = 0.5", "ema_decay = 0"))
+    train.main(["--epoch", "1", "--no-resume", "--overwrite", "--config", str(config), "--quiet"])
+    result = subprocess.run([sys.executable, str(REPO / "valid.py"), "ckpt/ckpt-1.pkl", "--trained-weights",
+                             "--dataset", "valid", "--config", str(config)], cwd=workdir, capture_output=True,
+                            text=True, env={"PYTHONPATH": str(REPO), "PATH": ""})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("error: ckpt/ckpt-1.pkl: holds no moving average of the weights ([train] "
+                                     "ema_decay was 0), so no separate trained weights; leave out --trained-weights")

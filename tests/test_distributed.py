@@ -50,22 +50,25 @@ def run(folder: Path, *args: str, processes: int = 0, script: Path = REPO / "tra
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
 
 
-def parameters(path: Path) -> dict[str, torch.Tensor]:
-    """The trained parameters; batch-norm running statistics are buffers and left out: under DDP
-    they are rank 0's, updated from its own samples only (see the test below)."""
-    return {k: v for k, v in read_checkpoint(path)["state_dict"].items()
+def parameters(path: Path, kind: str = "state_dict") -> dict[str, torch.Tensor]:
+    """The checkpoint's parameters (`kind`: the weights prediction uses, or 'train_state_dict');
+    batch-norm running statistics are buffers and left out: under DDP they are rank 0's, updated
+    from its own samples only (see the test below)."""
+    return {k: v for k, v in read_checkpoint(path)[kind].items()
             if "running_" not in k and "num_batches_tracked" not in k}
 
 
-def test_two_processes_train_the_weights_of_one(tmp_path):
+@pytest.mark.parametrize("ema", ["", "ema_decay = 0.5\n"])
+def test_two_processes_train_the_weights_of_one(tmp_path, ema):
     """Two epochs (six steps) with two gloo processes against one process that sees the same two
     samples per optimizer step. Each optimizer step then gets the mean of the same two per-sample
     gradients: DDP halves each process's gradient and sums them, one process adds two halves.
     Halving is exact in floating point and a sum of two terms has one order, so the parameters
     agree to the last bit on one machine; the tolerance of 1e-6 only leaves room for another gloo
-    build, and is far below the 1e-3 the parameters move in the second epoch."""
-    ddp = folder_with_sample(tmp_path / "ddp", DDP_SETTINGS)
-    one = folder_with_sample(tmp_path / "one", ONE_PROCESS_SETTINGS)
+    build, and is far below the 1e-3 the parameters move in the second epoch. With [train]
+    ema_decay the same holds for the moving average, which validation and the checkpoint use."""
+    ddp = folder_with_sample(tmp_path / "ddp", DDP_SETTINGS.replace("[train]\n", "[train]\n" + ema))
+    one = folder_with_sample(tmp_path / "one", ONE_PROCESS_SETTINGS.replace("[train]\n", "[train]\n" + ema))
     result = run(ddp, "--epoch", "2", processes=2)
     assert result.returncode == 0, result.stdout
     reference = run(one, "--epoch", "2")
@@ -84,6 +87,10 @@ def test_two_processes_train_the_weights_of_one(tmp_path):
     assert max((trained[k] - expected[k]).abs().max().item() for k in trained) <= 1e-6
     before = parameters(ddp / "ckpt" / "ckpt-1.pkl")
     assert max((trained[k] - before[k]).abs().max().item() for k in trained) > 1e-3
+    if ema:  # the checkpoint's weights are the average; the trained ones agree as well
+        raw = [parameters(folder / "ckpt" / "ckpt-2.pkl", "train_state_dict") for folder in (ddp, one)]
+        assert max((raw[0][k] - raw[1][k]).abs().max().item() for k in raw[0]) <= 1e-6
+        assert max((raw[0][k] - trained[k]).abs().max().item() for k in trained) > 1e-4
     # the training loss is the mean over both processes' samples, as in one process
     assert read_checkpoint(ddp / "ckpt" / "ckpt-2.pkl")["scores"]["train_loss"] == pytest.approx(
         read_checkpoint(one / "ckpt" / "ckpt-2.pkl")["scores"]["train_loss"], abs=1e-6)

@@ -47,9 +47,9 @@ from distributed import (SHM_HINT, SINGLE, Padded, RankBatches, World, is_shared
                          sync_batch_norm)
 from engine import choose_precision, evaluate, train_one_epoch
 from model import build_model, count_parameters
-from model.ema import make_ema
 from model.checkpoint import (latest_checkpoint, load_weights, model_config_of, read_checkpoint,
                               restore_rng_states, save_checkpoint, unwrap)
+from model.ema import make_ema
 
 
 def parse_args(argv):

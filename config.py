@@ -182,6 +182,7 @@ class PostConfig:
     semantic_only: bool
     min_confidence: float = _between(0, 1)
     peak_height: float = _between(0, 1)
+    seam_width: float = _between(0, 0.5)
 
 
 SECTIONS: dict[str, type] = {

@@ -38,9 +38,13 @@ CAMUNet; each a float (H, W) map in [0, 1]):
      barely trained network) is split by the marker watershed of policy 'ws' instead: its solve
      would take minutes (k linear systems over the region), which made tuning stall.
 4. Foreground components holding no seed (missed blobs) become instances of their own.
-5. Instances smaller than `min_object_size` pixels are removed, holes enclosed by one instance are
+5. With `seam_width` (for a network trained with `[contour] exclusive`, whose mask leaves a gap of
+   background where two nuclei touch): background pixels that lie within `seam_width` times the
+   median nucleus diameter of two different instances go to the nearer one (`fill_seams`), so the
+   gap the network drew between them is given back to the nuclei it came from.
+6. Instances smaller than `min_object_size` pixels are removed, holes enclosed by one instance are
    filled with its label, and labels are renumbered 1..n (int32).
-6. Instances whose mean semantic probability is below `min_confidence` are removed (`drop_faint`;
+7. Instances whose mean semantic probability is below `min_confidence` are removed (`drop_faint`;
    0 keeps all): a network shown an image type it never saw answers its background texture with
    faint blobs that the threshold alone lets through.
 """
@@ -50,7 +54,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 from skimage.morphology import reconstruction
-from skimage.segmentation import random_walker, relabel_sequential, watershed
+from skimage.segmentation import expand_labels, random_walker, relabel_sequential, watershed
 
 from config import PostConfig  # the [post] settings: a plain dataclass, no torch
 from dataset.sizes import estimate_diameter
@@ -315,6 +319,27 @@ def watershed_partition(probs: dict[str, np.ndarray], seed_labels: np.ndarray, f
                      connectivity=1).astype(np.int32)
 
 
+def fill_seams(labels: np.ndarray, radius: int) -> np.ndarray:
+    """Background pixels with two different instances within `radius` pixels (a square window) take
+    the label of the nearer one (`skimage.segmentation.expand_labels`); other pixels are unchanged."""
+    if radius < 1 or labels.max() == 0:
+        return labels
+    size = 2 * radius + 1
+    high = ndimage.maximum_filter(labels, size=size, mode="constant", cval=0)
+    big = np.iinfo(labels.dtype).max
+    low = ndimage.minimum_filter(np.where(labels > 0, labels, big), size=size, mode="constant", cval=big)
+    seam = (labels == 0) & (low != big) & (high != low)
+    if not seam.any():
+        return labels
+    return np.where(seam, expand_labels(labels, radius), labels).astype(labels.dtype)
+
+
+def seam_radius(settings: PostConfig, diameter: float) -> int:
+    """`fill_seams`'s radius in pixels: `[post] seam_width` times the median nucleus diameter, at
+    least one pixel (0 when seam_width is 0)."""
+    return max(1, round(settings.seam_width * diameter)) if settings.seam_width > 0 else 0
+
+
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     """Instances with fewer than min_size pixels become background."""
     if min_size <= 1 or labels.max() == 0:
@@ -359,9 +384,11 @@ def postprocess(probs: dict[str, np.ndarray], settings: PostConfig, diameter: fl
     """int32 (H, W) instance labels 1..n (0 background) from the probability maps of 1-3 heads.
     `diameter`: the semantic map's `peak_diameter` when already known (tuning post-processes one
     map with many settings; the estimate depends on the map alone)."""
-    semantic, _, _ = _check_probs(probs)
+    semantic, contour, _ = _check_probs(probs)
     if settings.semantic_only:
-        probs = {"semantic": semantic}
+        probs, contour = {"semantic": semantic}, None
+    if diameter is None and (settings.seam_width > 0 or contour is None):
+        diameter = peak_diameter(semantic)  # estimated once for the peaks and the seams
     seed_labels, n_seeds = seeds(probs, settings, diameter)
     fg = foreground(probs, settings, seed_labels)
     if not fg.any():
@@ -375,6 +402,7 @@ def postprocess(probs: dict[str, np.ndarray], settings: PostConfig, diameter: fl
     if rest.any():
         extra, n_extra = ndimage.label(rest, structure=_CROSS)
         labels = np.where(extra > 0, extra + n_seeds, labels)
+    labels = fill_seams(labels, seam_radius(settings, diameter)) if settings.seam_width > 0 else labels
     labels = remove_small(labels, settings.min_object_size)
     if settings.fill_holes:
         labels = fill_instance_holes(labels)

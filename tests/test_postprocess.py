@@ -346,3 +346,32 @@ def test_a_known_diameter_gives_the_labels_of_the_estimate():
     np.testing.assert_array_equal(postprocess(probs, PostSettings(), known), postprocess(probs, PostSettings()))
     # and it is used: a diameter forty times larger caps the peak height at a pixel, merging the pair
     assert postprocess(probs, PostSettings(), 40 * known).max() == 1 < postprocess(probs, PostSettings()).max()
+
+
+def test_seams_drawn_by_an_exclusive_target_go_back_to_their_nuclei():
+    # a network trained with [contour] exclusive answers touching nuclei with a gap of background
+    # where they touch (the target's adjacent-boundary ring); seam_width gives the gap back
+    contour = dataclasses.replace(DEFAULT.contour, adjacent_boundary_only=True, exclusive=True)
+    truth = paint((64, 96), [((32, 30), 12), ((32, 52), 12), ((12, 84), 6)])
+    semantic = make_targets(truth, contour, DEFAULT.target)["semantic"]
+    assert semantic.sum() < (truth > 0).sum()  # the target did leave out the touching border
+    plain = postprocess({"semantic": semantic}, PostSettings())
+    sealed = postprocess({"semantic": semantic}, PostSettings(seam_width=0.1))
+    assert plain.max() == sealed.max() == 3
+    for i in range(1, 4):  # each nucleus of the plain labels lies within one true nucleus
+        assert np.unique(truth[plain == i]).size == 1
+    # most of the gap goes back, each pixel to the nucleus it belongs to; little else is added
+    missing = (truth > 0) & (plain == 0)
+    given_back = missing & (sealed > 0)
+    assert missing.sum() >= 20 and given_back.sum() >= 0.6 * missing.sum()
+    same = [int(np.median(truth[sealed == i])) for i in range(1, 4)]
+    assert sorted(same) == [1, 2, 3]
+    assert all((truth[given_back] == np.array(same)[sealed[given_back] - 1]))
+    assert ((sealed > 0) & (truth == 0)).sum() <= 0.3 * given_back.sum()
+    lone = truth == 3
+    assert ((sealed > 0) & lone).sum() == lone.sum() == ((plain > 0) & lone).sum()
+
+
+def test_seam_width_is_bounded():
+    with pytest.raises(ConfigError, match="seam_width"):
+        DEFAULT.replace("post", seam_width=0.8)

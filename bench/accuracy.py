@@ -17,7 +17,8 @@ the network never saw, so the thresholds are not flattered by training images), 
 validation split with the DSB2018 metric, and appends one row to --results (default
 docs/results.csv): config, split seed, budget, machine (CPU model, bfloat16 units, threads, torch
 version), epochs reached, mean DSB score, the score
-per image type, F1 at IoU 0.5, inference seconds per image, and the tuning grid and its choice.
+per image type, F1 at IoU 0.5, inference seconds per image, the tuning grid and its choice, and
+the --valid-args that tuning and scoring ran with.
 Rows made before the tune split existed (tune_protocol empty) tuned on training images.
 
 The size test set (`--scales 3 0.5`): the validation split rescaled by each factor (images with
@@ -373,7 +374,7 @@ def one_row(args, samples, family: str | None, families: dict[str, str]) -> dict
            "protocol": "random 10 %" if family is None else "leave one family out", "family": family or "",
            "n_train": len(train_ids),
            "tune_protocol": f"{len(tune_ids)} held-out images", "tuned": json.dumps(tuned, sort_keys=True),
-           "tune_grid": json.dumps(grid, sort_keys=True)}
+           "tune_grid": json.dumps(grid, sort_keys=True), "valid_args": args.valid_args}
     for kind in TYPES:
         part = per_image[per_image["type"] == kind]
         row[f"dsb_{kind}"] = part["dsb"].mean() if len(part) else float("nan")

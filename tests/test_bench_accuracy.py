@@ -54,11 +54,13 @@ def test_rows_for_a_run_and_an_ensemble_of_two(bench):
     assert first["cpu"] and first["bf16_units"] and first["threads"] >= 1 and first["torch"].startswith("2.")
     run("--config", "camunet.ini", "--budget", "5")
     source_files = sorted(p.name for p in (bench / "work" / "unet" / "checkpoint").iterdir())
-    ensemble = run("--from-run", "unet", "--from-run", "camunet", "--name", "both")
+    ensemble = run("--from-run", "unet", "--from-run", "camunet", "--name", "both", "--valid-args=--no-tuned")
 
     table = pd.read_csv("results.csv")
     assert list(table["name"]) == ["unet", "camunet", "both"]
     assert table["config"].iloc[2] == "run unet + run camunet"
+    # and with what valid.py arguments it was tuned and scored
+    assert table["valid_args"].fillna("").tolist() == ["", "", "--no-tuned"]
     assert list(table["budget_min"]) == [5, 5, 5]  # a rescored row gives its source run's budget
     assert 0 <= ensemble["dsb"] <= 1 and ensemble["n_valid"] == 1
     # the ensemble row is tuned and scored in its own folder; the runs it reads are left as they were

@@ -132,6 +132,7 @@ class PreConfig:
     stain_jitter: float = _between(0, 1)
     resolution_jitter: float = _between(0, 1)
     aspect_jitter: float = _between(1, 4)
+    nucleus_texture: float = _between(0, 1)
     noise: bool
     noise_sigma: float = _at_least(0)
     size_norm: bool

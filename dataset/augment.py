@@ -242,6 +242,24 @@ def lose_resolution(image: np.ndarray, factor: float) -> np.ndarray:
     return cv2.resize(shrunk, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+def texture_nuclei(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image with granular dark texture inside every nucleus, as chromatin looks in stained
+    tissue: within each nucleus eroded by one pixel (its rim stays as bright as it was), pixels are
+    dimmed by up to a random depth (0.3 to 0.7) following Gaussian-smoothed noise of a random grain
+    (sigma 0.8 to 2 pixels). Nuclei are bright on dark in every prepared view; background and rims
+    are unchanged."""
+    inside = cv2.erode((labels > 0).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    if not inside.any():
+        return image
+    grain, depth = rng.uniform(0.8, 2.0), rng.uniform(0.3, 0.7)
+    field = cv2.GaussianBlur(rng.standard_normal(labels.shape).astype(np.float32), (0, 0), grain)
+    field /= field.std() + 1e-6
+    dim = 1.0 - depth * np.clip(0.5 + 0.5 * field, 0.0, 1.0)
+    out = image.astype(np.float32)
+    out[inside] *= dim[inside][:, None] if out.ndim == 3 else dim[inside]
+    return np.clip(np.rint(out), 0, 255).astype(image.dtype)
+
+
 def stretch(image: np.ndarray, labels: np.ndarray, factor: float,
             angle: float) -> tuple[np.ndarray, np.ndarray]:
     """Both stretched `factor` times along the direction `angle` (radians from the x axis) about the
@@ -332,6 +350,8 @@ class Augmenter:
             image, labels = stretch(image, labels, factor, float(rng.uniform(0.0, np.pi)))
         if pre.elastic and pre.elastic_alpha > 0:
             image, labels = elastic(image, labels, pre.elastic_alpha, pre.elastic_sigma, rng)
+        if pre.nucleus_texture > 0 and rng.random() < pre.nucleus_texture:
+            image = texture_nuclei(image, labels, rng)
         return flip_rotate(image, labels, pre.flip, pre.rotate, rng)
 
     def photometric(self, image: np.ndarray, rng: np.random.Generator):

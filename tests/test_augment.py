@@ -1,4 +1,5 @@
 """Augmentation keeps image and labels aligned and never invents instance ids."""
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -226,6 +227,17 @@ def test_resolution_jitter_blurs_the_image_and_leaves_the_labels(cfg):
     assert np.abs(np.diff(b_image.astype(float), axis=1)).mean() < np.abs(np.diff(a_image.astype(float), axis=1)).mean()
     # off by default: the crop draws nothing more from the generator, so earlier runs repeat
     assert cfg.pre.resolution_jitter == 0.0
+
+
+def test_nucleus_texture_dims_inside_the_nuclei_and_spares_rims_and_background(cfg):
+    (a_image, a_labels), (b_image, b_labels), _ = crops_without_and_with(cfg, nucleus_texture=1.0)
+    assert np.array_equal(a_labels, b_labels)
+    interior = cv2.erode((a_labels > 0).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    changed = (a_image != b_image).any(axis=-1)
+    assert changed.any() and not (changed & ~interior).any()  # rims and background as they were
+    assert changed.sum() > 0.3 * interior.sum()
+    assert (b_image <= a_image).all()  # chromatin granules are darker, never brighter
+    assert cfg.pre.nucleus_texture == 0.0  # off by default: nothing more drawn from the generator
 
 
 def test_stretch_elongates_nuclei_along_its_direction_and_keeps_them_aligned():

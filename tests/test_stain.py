@@ -186,6 +186,7 @@ def test_stain_settings_are_checked(tmp_path):
     for text, match in (("[pre]\nstain_norm = macenko\n", "stain_norm"), ("[pre]\nstain_jitter = 1.5\n", "stain_jitter"),
                         ("[pre]\nresolution_jitter = -0.1\n", "resolution_jitter"),
                         ("[pre]\naspect_jitter = 0.5\n", "aspect_jitter"),
+                        ("[pre]\nnucleus_texture = 1.5\n", "nucleus_texture"),
                         ("[train]\nbalance_group = True\nbalance_family = True\n", "balance_family")):
         path = tmp_path / "bad.ini"
         path.write_text(text)

@@ -182,6 +182,7 @@ class PostConfig:
     seed_peaks: bool
     semantic_only: bool
     min_confidence: float = _between(0, 1)
+    confidence: str = _choices("mean", "median")
     peak_height: float = _between(0, 1)
     seam_width: float = _between(0, 0.5)
 

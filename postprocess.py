@@ -44,8 +44,8 @@ CAMUNet; each a float (H, W) map in [0, 1]):
    gap the network drew between them is given back to the nuclei it came from.
 6. Instances smaller than `min_object_size` pixels are removed, holes enclosed by one instance are
    filled with its label, and labels are renumbered 1..n (int32).
-7. Instances whose mean semantic probability is below `min_confidence` are removed (`drop_faint`;
-   0 keeps all): a network shown an image type it never saw answers its background texture with
+7. Instances whose mean (`confidence = median`: median) semantic probability is below
+   `min_confidence` are removed (`drop_faint`; 0 keeps all): a network shown an image type it never saw answers its background texture with
    faint blobs that the threshold alone lets through.
 """
 from __future__ import annotations
@@ -407,15 +407,19 @@ def postprocess(probs: dict[str, np.ndarray], settings: PostConfig, diameter: fl
     if settings.fill_holes:
         labels = fill_instance_holes(labels)
     labels, _, _ = relabel_sequential(labels.astype(np.int32))
-    return drop_faint(labels.astype(np.int32), semantic, settings.min_confidence)
+    return drop_faint(labels.astype(np.int32), semantic, settings.min_confidence, settings.confidence)
 
 
-def drop_faint(labels: np.ndarray, semantic: np.ndarray, min_confidence: float) -> np.ndarray:
-    """int32 labels renumbered 1..n without the instances whose mean `semantic` probability is below
-    `min_confidence` (the last step of `postprocess`; 0 returns the labels as they are)."""
+def drop_faint(labels: np.ndarray, semantic: np.ndarray, min_confidence: float,
+               statistic: str = "mean") -> np.ndarray:
+    """int32 labels renumbered 1..n without the instances whose mean (or median, `statistic`)
+    `semantic` probability is below `min_confidence` (the last step of `postprocess`; 0 returns the
+    labels as they are). The median keeps a nucleus whose textured inside the network left
+    pitted with low values, as long as most of its pixels are confident."""
     if min_confidence <= 0 or labels.max() == 0:
         return labels
     ids = np.arange(1, int(labels.max()) + 1)
-    keep = np.concatenate([[False], ndimage.mean(semantic, labels, index=ids) >= min_confidence])
+    summary = ndimage.median if statistic == "median" else ndimage.mean
+    keep = np.concatenate([[False], np.asarray(summary(semantic, labels, index=ids)) >= min_confidence])
     out, _, _ = relabel_sequential(np.where(keep[labels], labels, 0).astype(np.int32))
     return out.astype(np.int32)

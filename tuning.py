@@ -85,7 +85,7 @@ def _score_setting(post: PostConfig, confidences: tuple) -> list[list[float]]:
     """Per-image DSB scores of one post-processing setting on `_ITEMS`, one row per `min_confidence`."""
     items = _ITEMS
     labels = [postprocess(probs, post, diameter) for probs, _, diameter in items]
-    return [[match(truth, drop_faint(found, probs["semantic"], confidence)).dsb
+    return [[match(truth, drop_faint(found, probs["semantic"], confidence, post.confidence)).dsb
              for found, (probs, truth, _) in zip(labels, items)] for confidence in confidences]
 
 

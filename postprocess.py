@@ -45,8 +45,8 @@ CAMUNet; each a float (H, W) map in [0, 1]):
 6. Instances smaller than `min_object_size` pixels are removed, holes enclosed by one instance are
    filled with its label, and labels are renumbered 1..n (int32).
 7. Instances whose mean (`confidence = median`: median) semantic probability is below
-   `min_confidence` are removed (`drop_faint`; 0 keeps all): a network shown an image type it never saw answers its background texture with
-   faint blobs that the threshold alone lets through.
+   `min_confidence` are removed (`drop_faint`; 0 keeps all): a network shown an image type it
+   never saw answers its background texture with faint blobs that the threshold alone lets through.
 """
 from __future__ import annotations
 

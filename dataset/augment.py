@@ -310,7 +310,7 @@ class Augmenter:
     """Random training augmentation built from a `[pre]` section.
 
     `geometric(image, labels, rng)` takes RGB uint8 (H, W, 3) and int32 labels (H, W) and returns
-    a width x width pair; `photometric(image, rng)` returns float32 (3, width, width) in [0, 1].
+    a width x width pair (with `nucleus_texture`, the one photometric step that needs the labels); `photometric(image, rng)` returns float32 (3, width, width) in [0, 1].
     Both expect an image already through `prepare_image`.
     """
 

@@ -58,6 +58,7 @@ from skimage.segmentation import expand_labels, random_walker, relabel_sequentia
 
 from config import PostConfig  # the [post] settings: a plain dataclass, no torch
 from dataset.sizes import estimate_diameter
+from dataset.targets import between_nuclei
 
 _CROSS = ndimage.generate_binary_structure(2, 1)  # 4-connectivity
 
@@ -324,11 +325,7 @@ def fill_seams(labels: np.ndarray, radius: int) -> np.ndarray:
     the label of the nearer one (`skimage.segmentation.expand_labels`); other pixels are unchanged."""
     if radius < 1 or labels.max() == 0:
         return labels
-    size = 2 * radius + 1
-    high = ndimage.maximum_filter(labels, size=size, mode="constant", cval=0)
-    big = np.iinfo(labels.dtype).max
-    low = ndimage.minimum_filter(np.where(labels > 0, labels, big), size=size, mode="constant", cval=big)
-    seam = (labels == 0) & (low != big) & (high != low)
+    seam = (labels == 0) & between_nuclei(labels, 2 * radius + 1)
     if not seam.any():
         return labels
     return np.where(seam, expand_labels(labels, radius), labels).astype(labels.dtype)

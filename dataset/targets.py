@@ -38,10 +38,12 @@ def _distance_to_zero(mask: np.ndarray) -> np.ndarray:
     return np.sqrt(np.rint(distance * distance)).astype(np.float32)
 
 
-def _neighbour_extremes(labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Largest and smallest non-zero label in each pixel's size x size window (min is _BIG if none)."""
+def between_nuclei(labels: np.ndarray, size: int) -> np.ndarray:
+    """bool (H, W): pixels whose size x size window holds two different non-zero labels, i.e. that
+    lie where two nuclei touch or nearly touch (ids below 2**24)."""
     ids = labels.astype(np.float32)
-    return _max_filter(ids, size), _min_filter(np.where(labels > 0, ids, _BIG), size)
+    high, low = _max_filter(ids, size), _min_filter(np.where(labels > 0, ids, _BIG), size)
+    return (low != _BIG) & (high != low)
 
 
 def inner_distance(labels: np.ndarray) -> np.ndarray:
@@ -71,8 +73,7 @@ def contour_map(labels: np.ndarray, contour: ContourConfig, distance: np.ndarray
         ring |= (labels == 0) & (outside <= contour.thickness)
     if contour.adjacent_boundary_only:
         # a window holding two different non-zero labels lies between two nuclei
-        high, low = _neighbour_extremes(labels, 2 * contour.thickness + 3)
-        ring &= (low != _BIG) & (high != low)
+        ring &= between_nuclei(labels, 2 * contour.thickness + 3)
     return ring
 
 

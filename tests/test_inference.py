@@ -273,3 +273,33 @@ def test_fragments_that_fill_a_nucleus_are_not_taken_for_nuclei(cfg):
     estimated, factor = sizes["m"]
     assert estimated == pytest.approx(120, rel=0.1)
     assert factor == pytest.approx(20 / 120, rel=0.1)
+
+
+def _scripted_looks(monkeypatch, first, further):
+    """inference._look replaced: the first pass's views by factor from `first`, every further pass `further`."""
+    import inference
+    calls = []
+
+    def look(model, image, valid, width, factor):
+        calls.append(factor)
+        return first.get(factor, further)
+    monkeypatch.setattr(inference, "_look", look)
+    return calls
+
+
+@pytest.mark.parametrize("further, diameter", [
+    # the pass at the first estimate's scale marks a fifth of what the chosen view marked: fragments,
+    # so the first view's estimate (22.9 px at half size: 45.8) stands
+    ((7.8, 0.10, 0.655), 45.8),
+    # a pass that marks about as much is followed: 29 px at 0.655
+    ((29.0, 0.45, 0.655), 29.0 / 0.655),
+])
+def test_a_further_pass_that_sees_fragments_is_not_followed(cfg, monkeypatch, further, diameter):
+    from inference import estimate_scale
+    # large textured nuclei: fragments at the image's own scale, whole at half, merged at a quarter
+    first = {1.0: (13.0, 0.17, 1.0), 0.5: (22.9, 0.49, 0.5), 0.25: (20.9, 0.59, 0.25)}
+    calls = _scripted_looks(monkeypatch, first, further)
+    image = torch.zeros(3, 256, 320)
+    found, factor = estimate_scale(None, image, cfg.replace("valid", size_passes=3).valid, 256, target=30.0)
+    assert found == pytest.approx(diameter, rel=1e-3)
+    assert calls[:3] == [1.0, 0.5, 0.25] and calls[3] == pytest.approx(30.0 / 45.8, rel=1e-3)

@@ -63,8 +63,11 @@ COARSE_GAIN = 1.5
 # with fragments at the scale the first estimate asks for; the estimate then shrank to the
 # fragments' size and the next pass enlarged the image further, a fixed point in which the
 # fragments look like nuclei of the target size (held-out colour_tinted images, docs/results.md,
-# session 19). Such a pass marks far less of the image than the view that saw the nuclei whole,
-# so a pass marking less than 1 / COARSE_GAIN of it is not followed (see estimate_scale).
+# session 19). There the first estimate came from a coarser view that saw the nuclei whole, and
+# the pass at the scale it asked for marked far less of the image: after a coarser view's estimate,
+# a pass marking less than 1 / COARSE_GAIN of what that view marked is not followed. (Not after an
+# estimate from the image's own view: there a finer pass that marks less can be small nuclei seen
+# at last, as on two half-size copies of the random splits; see estimate_scale.)
 COARSE_MIN_SEEN = 0.5
 COARSE_MIN_SIDE = 64
 
@@ -289,10 +292,10 @@ def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int, t
     the first estimate (`_first_view`: views that agree, see COARSE_AGREE); each further pass at
     the factor the last estimate gave, `passes` in all at most (default `[valid] size_passes`; the
     coarser views of the first count as one). An image far from the network's scale, whose first
-    estimate is off, is thus measured again nearer the right scale before it is predicted. A further
-    pass that marks less than 1 / COARSE_GAIN of the image the chosen first view marked sees
-    fragments (rescaling an image does not change the share its nuclei cover), so the passes stop
-    there and the last estimate stands.
+    estimate is off, is thus measured again nearer the right scale before it is predicted. When the
+    first estimate comes from a coarser view, a further pass that marks less than 1 / COARSE_GAIN of
+    the image that view marked sees fragments of the nuclei it saw whole (rescaling an image does
+    not change the share its nuclei cover), so the passes stop there and the estimate stands.
     """
     quick = dataclasses.replace(valid, test_time_augment=False, tta_rotate=False)
     passes = valid.size_passes if passes is None else passes
@@ -303,12 +306,13 @@ def estimate_scale(model, image: torch.Tensor, valid: ValidConfig, width: int, t
         views.append(_look(model, image, quick, width, coarse))
         coarse /= 2
     seen, marked, scale = _first_view(views, target)
+    from_coarser = scale < 1.0  # the first estimate comes from a view coarser than the image
     diameter, factor = None, scale  # scale: that of the pass that gave `seen` (1 when it saw none)
     for done in range(passes):
         if done:
             again, share, again_scale = _look(model, image, quick, width, factor)
-            if again is not None and share * COARSE_GAIN < marked:
-                break  # fragments of the nuclei the first view saw whole: its estimate stands
+            if from_coarser and again is not None and share * COARSE_GAIN < marked:
+                break  # fragments of the nuclei the coarser view saw whole: its estimate stands
             seen, scale = again, again_scale
         if seen is None:
             break  # no nucleus at this scale: the last estimate stands (none at all: factor 1)

@@ -303,3 +303,14 @@ def test_a_further_pass_that_sees_fragments_is_not_followed(cfg, monkeypatch, fu
     found, factor = estimate_scale(None, image, cfg.replace("valid", size_passes=3).valid, 256, target=30.0)
     assert found == pytest.approx(diameter, rel=1e-3)
     assert calls[:3] == [1.0, 0.5, 0.25] and calls[3] == pytest.approx(30.0 / 45.8, rel=1e-3)
+
+
+def test_after_the_images_own_view_a_pass_that_marks_less_is_followed(cfg, monkeypatch):
+    from inference import estimate_scale
+    # small faint nuclei: the image's own view sees them (8 px, a little marked), the coarser views
+    # see nothing whole; the pass at the scale asked for marks less but sees them at 5 px, and is followed
+    first = {1.0: (8.0, 0.20, 1.0), 0.5: (None, 0.0, 0.5), 0.25: (None, 0.0, 0.25)}
+    _scripted_looks(monkeypatch, first, (5.0 * 3.75, 0.05, 3.75))
+    image = torch.zeros(3, 256, 320)
+    found, _ = estimate_scale(None, image, cfg.replace("valid", size_passes=3).valid, 256, target=30.0)
+    assert found == pytest.approx(5.0)

@@ -67,7 +67,7 @@ COARSE_GAIN = 1.5
 # the pass at the scale it asked for marked far less of the image: after a coarser view's estimate,
 # a pass marking less than 1 / COARSE_GAIN of what that view marked is not followed. (Not after an
 # estimate from the image's own view: there a finer pass that marks less can be small nuclei seen
-# at last, as on two half-size copies of the random splits; see estimate_scale.)
+# at last, as on half-size copies of tiny nuclei in the random splits; see estimate_scale.)
 COARSE_MIN_SEEN = 0.5
 COARSE_MIN_SIDE = 64
 

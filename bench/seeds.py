@@ -46,8 +46,9 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(var / n)
 
 
-def _fmt(mean: float, se: float | None, n: int) -> str:
-    return f"{mean:+.3f}" if se is None else f"{mean:+.3f} ({se:.3f}, {n})"
+def _fmt(mean: float, se: float | None, n: int, sign: str = "") -> str:
+    """'0.578 (0.004, 5)': a mean with its standard error and count (the mean alone for one value)."""
+    return f"{mean:{sign}.3f}" if se is None else f"{mean:{sign}.3f} ({se:.3f}, {n})"
 
 
 def load_rows(path: Path, runs: list[str]) -> pd.DataFrame:
@@ -61,10 +62,10 @@ def load_rows(path: Path, runs: list[str]) -> pd.DataFrame:
     missing_columns = {"name", "dsb", "split_seed", "family"} - set(rows.columns)
     if missing_columns:
         raise SystemExit(f"error: results file {path} lacks column(s) {', '.join(sorted(missing_columns))}")
-    parts = []
+    parts, present = [], set(rows["name"])
     for run in dict.fromkeys(runs):
         names = run.split(",")
-        absent = [n for n in names if n not in set(rows["name"])]
+        absent = [n for n in names if n not in present]
         if absent:
             raise SystemExit(f"error: no row named {', '.join(absent)} in {path}")
         part = rows[rows["name"].isin(names)].copy()
@@ -112,8 +113,7 @@ def summarise(rows: pd.DataFrame, runs: list[str]) -> dict[str, dict[str, tuple[
             mean, se = mean_se(values)
             out[group][key] = (mean, se, len(values))
         print("  mean (standard error, runs):  " + "  ".join(
-            f"{key} {mean:.3f}" + ("" if se is None else f" ({se:.3f}, {n})")
-            for key, (mean, se, n) in out[group].items()))
+            f"{key} {_fmt(mean, se, n)}" for key, (mean, se, n) in out[group].items()))
     return out
 
 
@@ -130,7 +130,7 @@ def paired(rows: pd.DataFrame, runs: list[str], against: list[str]) -> dict[str,
         if diffs:
             mean, se = mean_se(diffs)
             out[group] = (mean, se, len(diffs))
-            print(f"{group}: mean difference {_fmt(mean, se, len(diffs))}")
+            print(f"{group}: mean difference {_fmt(mean, se, len(diffs), '+')}")
     return out
 
 

@@ -66,3 +66,10 @@ def test_errors_name_what_is_wrong(tmp_path):
         seeds.main(["old_s0_2,old_42", "--results", str(path)])
     with pytest.raises(SystemExit, match="cannot read results file"):
         seeds.main(["new_42", "--results", str(tmp_path / "missing.csv")])
+
+
+def test_a_results_file_without_the_needed_columns_is_named(tmp_path):
+    path = tmp_path / "other.csv"
+    pd.DataFrame({"name": ["a"], "dsb": [0.5]}).to_csv(path, index=False)
+    with pytest.raises(SystemExit, match=r"other.csv lacks column\(s\) family, split_seed"):
+        seeds.main(["a", "--results", str(path)])

@@ -24,6 +24,7 @@ import numpy as np
 from atomic import atomic_path
 from config import Config, load_and_report, run_main
 from dataset.augment import Augmenter, hed_jitter, item_generator, prepare_image
+from dataset.families import is_colour
 from dataset.io import read_sample_cached
 from dataset.layouts import layout_samples
 from dataset.selection import read_whitelist, sample_groups, split_ids
@@ -60,9 +61,10 @@ def augmented_items(samples, cfg: Config, n: int) -> list[dict[str, np.ndarray]]
         files = samples[index % len(samples)]
         image, labels = read_sample_cached(files, cfg.target.fill_holes, cfg.dataset.cache_dir)
         rng = item_generator(cfg.train.seed, 0, index % len(samples))
+        colour = is_colour(image)
         if cfg.pre.stain_jitter > 0:  # before the view, as in NucleiDataset.stain_jittered
             image = hed_jitter(image, cfg.pre.stain_jitter, rng)
-        image, labels = augmenter.geometric(prepare_image(image, cfg.pre), labels, rng)
+        image, labels = augmenter.geometric(prepare_image(image, cfg.pre), labels, rng, colour)
         items.append({"image": image, "labels": labels, **make_targets(labels, cfg.contour, cfg.target)})
     return items
 

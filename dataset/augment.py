@@ -309,7 +309,7 @@ def flip_rotate(image: np.ndarray, labels: np.ndarray, flip: bool, rotate: bool,
 class Augmenter:
     """Random training augmentation built from a `[pre]` section.
 
-    `geometric(image, labels, rng)` takes RGB uint8 (H, W, 3) and int32 labels (H, W) and returns
+    `geometric(image, labels, rng, colour)` takes RGB uint8 (H, W, 3) and int32 labels (H, W) and returns
     a width x width pair (with `nucleus_texture`, the one photometric step that needs the labels); `photometric(image, rng)` returns float32 (3, width, width) in [0, 1].
     Both expect an image already through `prepare_image`.
     """
@@ -334,7 +334,9 @@ class Augmenter:
             colour.append(v2.RandomInvert(p=0.5))
         return v2.Compose(colour) if colour else None
 
-    def geometric(self, image, labels, rng: np.random.Generator):
+    def geometric(self, image, labels, rng: np.random.Generator, colour: bool = True):
+        """`colour`: whether the sample was a colour image before `prepare_image` (it matters only
+        with `nucleus_texture_on = colour`)."""
         pre = self.pre
         scale = float(np.exp(rng.uniform(np.log(pre.rescale_min), np.log(pre.rescale_max)))) if pre.rescale else 1.0
         if pre.size_norm:
@@ -350,7 +352,7 @@ class Augmenter:
             image, labels = stretch(image, labels, factor, float(rng.uniform(0.0, np.pi)))
         if pre.elastic and pre.elastic_alpha > 0:
             image, labels = elastic(image, labels, pre.elastic_alpha, pre.elastic_sigma, rng)
-        if pre.nucleus_texture > 0 and rng.random() < pre.nucleus_texture:
+        if pre.nucleus_texture > 0 and rng.random() < pre.nucleus_texture and (colour or pre.nucleus_texture_on == "all"):
             image = texture_nuclei(image, labels, rng)
         return flip_rotate(image, labels, pre.flip, pre.rotate, rng)
 

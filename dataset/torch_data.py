@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 from config import Config, InputError
 from dataset.augment import (PREPARE_VERSION, Augmenter, hed_jitter, item_generator, prepare_image, prepare_key,
                              prepares_nothing, to_tensor_image)
-from dataset.families import family_weights, image_features, sample_families
+from dataset.families import family_weights, image_features, is_colour, sample_families
 from dataset.io import SampleFiles, derived_cached, read_sample_cached
 from dataset.selection import balance_weights, read_whitelist
 from dataset.targets import make_targets
@@ -60,6 +60,7 @@ class NucleiDataset(Dataset):
         self.epoch = 0
         self._memory: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self._prepared: dict[int, np.ndarray] = {}
+        self._colour: dict[int, bool] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -93,6 +94,12 @@ class NucleiDataset(Dataset):
             self._prepared[index] = prepare_image(image, pre)
         return self._prepared[index], labels
 
+    def is_colour(self, index: int) -> bool:
+        """Whether the decoded image is a colour one (`dataset.families.is_colour`), worked out once."""
+        if index not in self._colour:
+            self._colour[index] = is_colour(self.decoded(index)[0])
+        return self._colour[index]
+
     def stain_jittered(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
         """`prepared`, but a colour image has its stains jittered first (`[pre] stain_jitter`): the
         jitter runs on the whole decoded image before `prepare_image`, so that a stain view
@@ -113,7 +120,8 @@ class NucleiDataset(Dataset):
                 image, labels = self.prepared(index)
             if labels is None:
                 raise InputError(f"{self.samples[index].folder}: training sample has no masks/ folder")
-            image, labels = self.augmenter.geometric(image, labels, rng)
+            colour = self.cfg.pre.nucleus_texture_on == "all" or self.is_colour(index)
+            image, labels = self.augmenter.geometric(image, labels, rng, colour)
             tensor = self.augmenter.photometric(image, rng)
         else:
             image, labels = self.prepared(index)

@@ -240,6 +240,21 @@ def test_nucleus_texture_dims_inside_the_nuclei_and_spares_rims_and_background(c
     assert cfg.pre.nucleus_texture == 0.0  # off by default: nothing more drawn from the generator
 
 
+def test_nucleus_texture_on_colour_spares_grey_samples(cfg):
+    image, labels = painted(shape=(160, 160), n=30, seed=3)
+    off = dict(rescale=False, elastic=False, flip=False, rotate=False, width=96, nucleus_texture=1.0)
+    everywhere = Augmenter(cfg.replace("pre", **off).pre)
+    colour_only = Augmenter(cfg.replace("pre", **off, nucleus_texture_on="colour").pre)
+    plain = Augmenter(cfg.replace("pre", **{**off, "nucleus_texture": 0.0}).pre)
+    textured = everywhere.geometric(image, labels, np.random.default_rng(5), colour=False)[0]
+    untouched = plain.geometric(image, labels, np.random.default_rng(5))[0]
+    assert not np.array_equal(textured, untouched)  # `all` textures a grey sample too
+    # `colour`: a grey sample comes out as without the texture, a colour one as with `all`
+    assert np.array_equal(colour_only.geometric(image, labels, np.random.default_rng(5), colour=False)[0], untouched)
+    assert np.array_equal(colour_only.geometric(image, labels, np.random.default_rng(5), colour=True)[0], textured)
+    assert cfg.pre.nucleus_texture_on == "all"
+
+
 def test_stretch_elongates_nuclei_along_its_direction_and_keeps_them_aligned():
     image, labels = painted(shape=(160, 160), n=30, seed=4)
     for angle in (0.0, np.pi / 2, np.pi / 4):

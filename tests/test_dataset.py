@@ -65,6 +65,20 @@ def test_prepared_images_are_made_once_and_equal_a_fresh_preparation(cfg, tmp_pa
     assert len(calls) == len(samples) + 1
 
 
+def test_texture_on_colour_leaves_the_grey_samples_as_without_it(cfg):
+    samples = list_samples(SAMPLE)
+    base = small(cfg).replace("pre", nucleus_texture=1.0)
+    items = {on: NucleiDataset(samples, base.replace("pre", nucleus_texture_on=on), augment=True)
+             for on in ("all", "colour")}
+    # the texture's coin is tossed for every crop: a chance that never comes up draws the same numbers
+    plain = NucleiDataset(samples, base.replace("pre", nucleus_texture=1e-12), augment=True)
+    colour = [items["colour"].is_colour(i) for i in range(len(samples))]
+    assert any(colour) and not all(colour)  # the sample has both kinds
+    for index, is_colour in enumerate(colour):
+        textured = items["all"][index]["image"]
+        assert torch.equal(items["colour"][index]["image"], textured if is_colour else plain[index]["image"])
+
+
 def test_eval_items_are_whole_images(cfg):
     data = NucleiDataset(list_samples(SAMPLE), cfg, augment=False)
     sizes = {tuple(data[i]["image"].shape[1:]) for i in range(len(data))}

@@ -309,8 +309,9 @@ def flip_rotate(image: np.ndarray, labels: np.ndarray, flip: bool, rotate: bool,
 class Augmenter:
     """Random training augmentation built from a `[pre]` section.
 
-    `geometric(image, labels, rng, colour)` takes RGB uint8 (H, W, 3) and int32 labels (H, W) and returns
-    a width x width pair (with `nucleus_texture`, the one photometric step that needs the labels); `photometric(image, rng)` returns float32 (3, width, width) in [0, 1].
+    `geometric(image, labels, rng, colour)` takes RGB uint8 (H, W, 3) and int32 labels (H, W) and
+    returns a width x width pair (with `nucleus_texture`, the one photometric step that needs the
+    labels); `photometric(image, rng)` returns float32 (3, width, width) in [0, 1].
     Both expect an image already through `prepare_image`.
     """
 

@@ -134,6 +134,7 @@ class PreConfig:
     aspect_jitter: float = _between(1, 4)
     nucleus_texture: float = _between(0, 1)
     nucleus_texture_on: str = _choices("all", "colour")
+    background_texture: float = _between(0, 1)
     noise: bool
     noise_sigma: float = _at_least(0)
     size_norm: bool

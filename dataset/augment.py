@@ -260,6 +260,25 @@ def texture_nuclei(image: np.ndarray, labels: np.ndarray, rng: np.random.Generat
     return np.clip(np.rint(out), 0, 255).astype(image.dtype)
 
 
+def texture_background(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image seen through a faint textured layer, as nuclei lie in the stroma and cytoplasm of
+    stained tissue: a field of Gaussian-smoothed noise, a fine grain (sigma 1 to 3 pixels) over
+    patches (sigma 16), at most a random level (0.1 to 0.4 of full brightness), is blended in as
+    a screen (1 - (1 - image) (1 - field)), which lifts a dark background most and a bright
+    nucleus least: the contrast falls and the background gets texture, the labels stay. Nuclei are
+    bright on dark in every prepared view."""
+    shape = image.shape[:2]
+    grain, level = rng.uniform(1.0, 3.0), rng.uniform(0.1, 0.4)
+    fine = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), grain)
+    patches = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), 16.0)
+    field = 0.5 + 0.15 * fine / (fine.std() + 1e-6) + 0.3 * patches / (patches.std() + 1e-6)
+    layer = level * np.clip(field, 0.0, 1.0)
+    if image.ndim == 3:
+        layer = layer[..., None]
+    out = 255.0 - (255.0 - image.astype(np.float32)) * (1.0 - layer)
+    return np.clip(np.rint(out), 0, 255).astype(image.dtype)
+
+
 def stretch(image: np.ndarray, labels: np.ndarray, factor: float,
             angle: float) -> tuple[np.ndarray, np.ndarray]:
     """Both stretched `factor` times along the direction `angle` (radians from the x axis) about the
@@ -311,7 +330,7 @@ class Augmenter:
 
     `geometric(image, labels, rng, colour)` takes RGB uint8 (H, W, 3) and int32 labels (H, W) and
     returns a width x width pair (with `nucleus_texture`, the one photometric step that needs the
-    labels); `photometric(image, rng)` returns float32 (3, width, width) in [0, 1].
+    labels, and `background_texture`, drawn after it); `photometric(image, rng)` returns float32 (3, width, width) in [0, 1].
     Both expect an image already through `prepare_image`.
     """
 
@@ -355,6 +374,8 @@ class Augmenter:
             image, labels = elastic(image, labels, pre.elastic_alpha, pre.elastic_sigma, rng)
         if pre.nucleus_texture > 0 and rng.random() < pre.nucleus_texture and (colour or pre.nucleus_texture_on == "all"):
             image = texture_nuclei(image, labels, rng)
+        if pre.background_texture > 0 and rng.random() < pre.background_texture:
+            image = texture_background(image, rng)
         return flip_rotate(image, labels, pre.flip, pre.rotate, rng)
 
     def photometric(self, image: np.ndarray, rng: np.random.Generator):

@@ -240,6 +240,18 @@ def test_nucleus_texture_dims_inside_the_nuclei_and_spares_rims_and_background(c
     assert cfg.pre.nucleus_texture == 0.0  # off by default: nothing more drawn from the generator
 
 
+def test_background_texture_lifts_the_background_more_than_the_nuclei(cfg):
+    (a_image, a_labels), (b_image, b_labels), _ = crops_without_and_with(cfg, background_texture=1.0)
+    assert np.array_equal(a_labels, b_labels)
+    a, b = a_image.astype(float), b_image.astype(float)
+    assert (b >= a).all()  # a screen blend only brightens
+    inside, outside = a_labels > 0, a_labels == 0
+    lift_out, lift_in = (b - a)[outside].mean(), (b - a)[inside].mean()
+    assert lift_out > 10 and lift_in < lift_out  # the dark background gains most: contrast falls
+    assert b[outside].std() > a[outside].std() + 5  # and gets texture
+    assert cfg.pre.background_texture == 0.0  # off by default: nothing more drawn from the generator
+
+
 def test_nucleus_texture_on_colour_spares_grey_samples(cfg):
     image, labels = painted(shape=(160, 160), n=30, seed=3)
     off = dict(rescale=False, elastic=False, flip=False, rotate=False, width=96, nucleus_texture=1.0)

@@ -188,6 +188,7 @@ def test_stain_settings_are_checked(tmp_path):
                         ("[pre]\naspect_jitter = 0.5\n", "aspect_jitter"),
                         ("[pre]\nnucleus_texture = 1.5\n", "nucleus_texture"),
                         ("[pre]\nnucleus_texture_on = grey\n", "nucleus_texture_on"),
+                        ("[pre]\nbackground_texture = -0.1\n", "background_texture"),
                         ("[train]\nbalance_group = True\nbalance_family = True\n", "balance_family")):
         path = tmp_path / "bad.ini"
         path.write_text(text)

@@ -242,6 +242,13 @@ def lose_resolution(image: np.ndarray, factor: float) -> np.ndarray:
     return cv2.resize(shrunk, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+def smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """float32 Gaussian noise smoothed with a Gaussian of `sigma` pixels, scaled to a standard
+    deviation of 1: the grain of the textures below."""
+    field = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), sigma)
+    return field / (field.std() + 1e-6)
+
+
 def texture_nuclei(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The image with granular dark texture inside every nucleus, as chromatin looks in stained
     tissue: within each nucleus eroded by one pixel (its rim stays as bright as it was), pixels are
@@ -252,8 +259,7 @@ def texture_nuclei(image: np.ndarray, labels: np.ndarray, rng: np.random.Generat
     if not inside.any():
         return image
     grain, depth = rng.uniform(0.8, 2.0), rng.uniform(0.3, 0.7)
-    field = cv2.GaussianBlur(rng.standard_normal(labels.shape).astype(np.float32), (0, 0), grain)
-    field /= field.std() + 1e-6
+    field = smooth_noise(labels.shape, grain, rng)
     dim = 1.0 - depth * np.clip(0.5 + 0.5 * field, 0.0, 1.0)
     out = image.astype(np.float32)
     out[inside] *= dim[inside][:, None] if out.ndim == 3 else dim[inside]
@@ -269,9 +275,7 @@ def texture_background(image: np.ndarray, rng: np.random.Generator) -> np.ndarra
     bright on dark in every prepared view."""
     shape = image.shape[:2]
     grain, level = rng.uniform(1.0, 3.0), rng.uniform(0.1, 0.4)
-    fine = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), grain)
-    patches = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), 16.0)
-    field = 0.5 + 0.15 * fine / (fine.std() + 1e-6) + 0.3 * patches / (patches.std() + 1e-6)
+    field = 0.5 + 0.15 * smooth_noise(shape, grain, rng) + 0.3 * smooth_noise(shape, 16.0, rng)
     layer = level * np.clip(field, 0.0, 1.0)
     if image.ndim == 3:
         layer = layer[..., None]

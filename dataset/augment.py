@@ -268,11 +268,11 @@ def texture_nuclei(image: np.ndarray, labels: np.ndarray, rng: np.random.Generat
 
 def texture_background(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The image seen through a faint textured layer, as nuclei lie in the stroma and cytoplasm of
-    stained tissue: a field of Gaussian-smoothed noise, a fine grain (sigma 1 to 3 pixels) over
-    patches (sigma 16), at most a random level (0.1 to 0.4 of full brightness), is blended in as
-    a screen (1 - (1 - image) (1 - field)), which lifts a dark background most and a bright
-    nucleus least: the contrast falls and the background gets texture, the labels stay. Nuclei are
-    bright on dark in every prepared view."""
+    stained tissue. The layer is Gaussian-smoothed noise, a fine grain (sigma 1 to 3 pixels) over
+    patches (sigma 16), scaled to at most a random level (0.1 to 0.4 of full brightness); it is
+    blended in as a screen, 1 - (1 - image)(1 - layer), which lifts a dark background most and a
+    bright nucleus least: the background gets texture and the contrast falls. The labels are
+    neither needed nor changed; nuclei are bright on dark in every prepared view."""
     shape = image.shape[:2]
     grain, level = rng.uniform(1.0, 3.0), rng.uniform(0.1, 0.4)
     field = 0.5 + 0.15 * smooth_noise(shape, grain, rng) + 0.3 * smooth_noise(shape, 16.0, rng)
@@ -333,8 +333,8 @@ class Augmenter:
     """Random training augmentation built from a `[pre]` section.
 
     `geometric(image, labels, rng, colour)` takes RGB uint8 (H, W, 3) and int32 labels (H, W) and
-    returns a width x width pair (with `nucleus_texture`, the one photometric step that needs the
-    labels, and `background_texture`, drawn after it); `photometric(image, rng)` returns float32 (3, width, width) in [0, 1].
+    returns a width x width pair (it also draws `nucleus_texture`, which needs the labels, and then
+    `background_texture`); `photometric(image, rng)` returns float32 (3, width, width) in [0, 1].
     Both expect an image already through `prepare_image`.
     """
 
